@@ -1,0 +1,42 @@
+# dqfast: `make demo` (the main job) and `make test` (the tests) each build .venv and install
+# what they need; nothing else is assumed to be installed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint format bench bench-gpu clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch is pinned for the dev venv (a local CPU wheel exists for exactly this version);
+	# pyproject keeps a loose range for users.
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q "triton==3.9.0"
+	$(PIP) install -q -e ".[test,bench,codec]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m dqfast demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+# Kernel parity runs on the CPU through the Triton interpreter; GPU-only cases skip with a reason.
+test: $(STAMP) lint
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -ra
+	$(PY) -m pytest bench -q -ra --benchmark-disable-gc --benchmark-min-rounds=1 \
+		--benchmark-max-time=0.05 --benchmark-warmup=off -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) -m pytest bench -ra --benchmark-group-by=group --benchmark-columns=min,median,mean,ops
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks .ruff_cache *.egg-info
