@@ -1,0 +1,173 @@
+"""Backend selection and dispatch: names, scoping, env, reasons, no silent fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import dqfast
+from dqfast import backend
+from tests.helpers import HAS_TRITON
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def test_default_is_auto_and_set_get_roundtrip():
+    assert dqfast.get_backend() in backend.BACKENDS
+    before = dqfast.get_backend()
+    try:
+        for name in ("reference", "triton", "auto"):
+            dqfast.set_backend(name)
+            assert dqfast.get_backend() == name
+    finally:
+        dqfast.set_backend(before)
+
+
+def test_unknown_backend_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="auto.*triton.*reference"):
+        dqfast.set_backend("cuda")
+    with pytest.raises(ValueError, match="backend"):
+        with dqfast.use_backend("fast"):
+            pass
+
+
+def test_use_backend_nests_and_restores_even_on_error():
+    outer = dqfast.get_backend()
+    with dqfast.use_backend("reference"):
+        assert dqfast.get_backend() == "reference"
+        with dqfast.use_backend("triton"):
+            assert dqfast.get_backend() == "triton"
+        assert dqfast.get_backend() == "reference"
+    assert dqfast.get_backend() == outer
+    with pytest.raises(KeyError):
+        with dqfast.use_backend("reference"):
+            raise KeyError("boom")
+    assert dqfast.get_backend() == outer
+
+
+def test_use_backend_is_thread_local():
+    seen = []
+    with dqfast.use_backend("reference"):
+        t = threading.Thread(target=lambda: seen.append(dqfast.get_backend()))
+        t.start()
+        t.join()
+    assert seen == ["auto"] or seen == [os.environ.get("DQFAST_BACKEND", "auto")]
+
+
+def test_env_variable_sets_the_default():
+    out = _run("import dqfast; print(dqfast.get_backend())", DQFAST_BACKEND="reference")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "reference"
+    bad = _run("import dqfast", DQFAST_BACKEND="gpu")
+    assert bad.returncode != 0 and "backend must be one of" in bad.stderr
+
+
+def test_import_works_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch, dqfast\n"
+        "x = torch.randn(1, 2, 3, 3); w = torch.randn(4, 2, 3, 3)\n"
+        "y = dqfast.subpixel_conv2d(x, w, upscale=2)\n"
+        "print(tuple(y.shape), dqfast.explain('subpixel_conv2d', x, w, upscale=2))\n"
+        "dqfast.set_backend('triton')\n"
+        "try:\n    dqfast.subpixel_conv2d(x, w, upscale=2)\nexcept dqfast.BackendUnavailable as e:\n"
+        "    print('raised:', e.reasons)\n"
+    )
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    assert "(1, 1, 6, 6)" in out.stdout
+    assert "triton is not installed" in out.stdout
+    assert "raised: ['triton is not installed']" in out.stdout
+
+
+def test_explain_under_reference_backend():
+    z, cb = torch.randn(5, 3), torch.randn(4, 3)
+    with dqfast.use_backend("reference"):
+        assert dqfast.explain("vector_quantize", z, cb) == ['backend is "reference"']
+
+
+def test_explain_unknown_op():
+    with pytest.raises(ValueError, match="unknown op"):
+        dqfast.explain("conv3d", torch.randn(1))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton installed to reach the device check")
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    z, cb = torch.randn(5, 3), torch.randn(4, 3)
+    why = dqfast.explain("vector_quantize", z, cb)
+    assert any("TRITON_INTERPRET=1" in r for r in why), why
+    # auto falls back to the reference and gives its answer ...
+    out = dqfast.vector_quantize(z, cb)
+    d = torch.cdist(z.double(), cb.double()) ** 2
+    assert torch.equal(out.indices, d.argmin(1))
+    # ... but an explicit triton request raises with the reasons instead of falling back.
+    with dqfast.use_backend("triton"), pytest.raises(dqfast.BackendUnavailable, match="TRITON_INTERPRET"):
+        dqfast.vector_quantize(z, cb)
+
+
+def test_missing_kernel_module_is_a_reason_not_a_crash(monkeypatch):
+    monkeypatch.setitem(backend.KERNEL_MODULES, "vector_quantize", "no_such_kernel_module")
+    backend._kernel_module.cache_clear()
+    try:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        z, cb = torch.randn(5, 3), torch.randn(4, 3)
+        why = backend.reasons("vector_quantize", z, cb)
+        if HAS_TRITON:
+            assert any("no Triton kernel for vector_quantize" in r for r in why), why
+        else:
+            assert why == ["triton is not installed"]
+        with dqfast.use_backend("triton"), pytest.raises(dqfast.BackendUnavailable):
+            dqfast.vector_quantize(z, cb)
+        with dqfast.use_backend("auto"):
+            assert dqfast.vector_quantize(z, cb).indices.shape == (5,)
+    finally:
+        backend._kernel_module.cache_clear()
+
+
+def test_reference_backend_never_touches_kernels(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("kernel module consulted under the reference backend")
+
+    monkeypatch.setattr(backend, "reasons", boom)
+    with dqfast.use_backend("reference"):
+        out = dqfast.vector_quantize(torch.randn(4, 2), torch.randn(3, 2))
+    assert out.indices.shape == (4,)
+
+
+def test_public_names_import():
+    from dqfast import (  # noqa: F401
+        C2FLayout,
+        C2FTokens,
+        DynamicVQOutput,
+        VQOutput,
+        c2f_attention,
+        c2f_decode_attention,
+        c2f_flatten,
+        c2f_unflatten,
+        dynamic_quantize,
+        subpixel_conv2d,
+        vector_quantize,
+    )
+    from dqfast.nn import C2FAttention, DynamicQuantizer, SubPixelConv2d  # noqa: F401
+
+
+def test_demo_prints_a_row_per_op():
+    from dqfast import demo
+
+    # small=True runs the parity shapes only: this test checks the table, not the speed.
+    rows = demo.run_demo(small=True)
+    ops = {r[0] for r in rows}
+    assert ops == {"subpixel_conv2d", "vector_quantize", "dynamic_quantize", "c2f_attention", "c2f_decode_attention"}
+    assert all(r[1].startswith(("reference", "triton")) for r in rows)
+    for r in rows:
+        if r[3] not in ("0", "-"):
+            assert float(r[3]) < 1e-3, r
