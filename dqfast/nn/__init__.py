@@ -1,0 +1,6 @@
+"""Modules built on the dqfast ops."""
+
+from dqfast.nn.c2f_attention import C2FAttention, KVCache
+from dqfast.nn.subpixel_conv import SubPixelConv2d
+
+__all__ = ["C2FAttention", "KVCache", "SubPixelConv2d"]
