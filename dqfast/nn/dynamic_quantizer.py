@@ -1,0 +1,274 @@
+"""``DynamicQuantizer``: the DQ-VAE quantization layer (granularity router + shared codebook) over
+``dqfast.dynamic_quantize``, with an optional EMA codebook and dead-code restart."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from dqfast.reference.vector_quantize import METRICS, NORMALIZE_EPS
+
+__all__ = ["DynamicQuantizer", "DynamicQuantizerOutput", "GranularityRouter"]
+
+
+class DynamicQuantizerOutput(NamedTuple):
+    """Result of :meth:`DynamicQuantizer.forward`.
+
+    quantized: (B, dim, Hf, Wf) codes broadcast to the finest grid, straight-through to the features.
+    indices: (B, Hf, Wf) int64; grain: (B, H, W) int64; n_codes: (B,) int64 codes per image.
+    loss: () quantization loss (beta * commitment + codebook term; commitment only with EMA).
+    router_logits: (B, H, W, G) the router's scores, coarsest grain first.
+    budget_loss: () ``budget_weight * MSE(grain fractions, budget_target)``, 0 without a target.
+    """
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    grain: torch.Tensor
+    loss: torch.Tensor
+    n_codes: torch.Tensor
+    router_logits: torch.Tensor
+    budget_loss: torch.Tensor
+
+
+def _group_count(channels: int, preferred: int = 32) -> int:
+    """32 groups like VQGAN's GroupNorm when the channels allow it, else the largest divisor of both."""
+    return math.gcd(channels, preferred)
+
+
+class GranularityRouter(nn.Module):
+    """The DQ-VAE granularity router: per-region logits over the G grains.
+
+    Each grain's map is GroupNorm-ed, every finer map is average-pooled to the coarse grid, the
+    maps are concatenated (G * C channels) and a two-layer MLP scores every coarse region:
+    ``Linear(G*C, hidden) -> SiLU -> Linear(hidden, G)`` (hidden defaults to G * C, as in the paper).
+
+    features: G maps (B, C, H * 2**g, W * 2**g), coarsest first -> logits (B, H, W, G).
+    """
+
+    def __init__(self, channels: int, num_grains: int, hidden: int | None = None):
+        super().__init__()
+        width = num_grains * channels
+        hidden = width if hidden is None else hidden
+        self.norms = nn.ModuleList(nn.GroupNorm(_group_count(channels), channels, eps=1e-6) for _ in range(num_grains))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, num_grains))
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        pooled = []
+        for g, (norm, feature) in enumerate(zip(self.norms, features)):
+            x = norm(feature)
+            pooled.append(F.avg_pool2d(x, 2**g) if g else x)
+        return self.mlp(rearrange(torch.cat(pooled, 1), "b c h w -> b h w c"))
+
+
+class DynamicQuantizer(nn.Module):
+    """Dynamic vector quantizer: a router picks a grain per region, one codebook codes all grains.
+
+    Args:
+        dim: code dimension D.
+        codebook_size: number of codes K.
+        num_grains: G >= 2 feature maps, coarsest first, each 2x the previous resolution.
+        in_channels: channels of the input maps (router input); when it differs from ``dim`` a
+            shared 1x1 conv projects the maps to ``dim`` before quantization. Default: ``dim``.
+        router_hidden: hidden width of the router MLP (default G * in_channels).
+        beta: commitment weight.
+        metric: ``"l2"`` | ``"cosine"``.
+        ema: keep the codebook as a buffer updated by exponential moving averages of the coded
+            vectors (VQ-VAE-2 style) instead of a learned parameter; the loss then keeps only the
+            commitment term.
+        decay, eps: EMA decay and Laplace smoothing of the code counts.
+        restart_dead: in training, replace dead codes by random coded vectors of the batch.
+        dead_threshold: a code is dead when its EMA usage (average codes per batch, starting at 1)
+            falls below this.
+        budget_target: training target for the fraction of regions per grain (G = 2: fraction of
+            fine regions; G > 2: G - 1 fractions, finest first), pulled by ``budget_weight * MSE``.
+        budget_weight: weight of that MSE.
+        gumbel_tau: temperature of the hard Gumbel-softmax gate used in training.
+
+    Grains: ``forward(features, budget=f)`` meets the budget exactly in every image (top regions by
+    router score); otherwise training samples a hard Gumbel-softmax gate (straight-through, so the
+    router learns from the quantization and budget losses) and eval takes the argmax.
+
+    Deterministic under ``torch.manual_seed``: the Gumbel noise and the restart picks use torch's RNG.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        num_grains: int = 2,
+        *,
+        in_channels: int | None = None,
+        router_hidden: int | None = None,
+        beta: float = 0.25,
+        metric: str = "l2",
+        ema: bool = False,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        restart_dead: bool = True,
+        dead_threshold: float = 1.0,
+        budget_target: float | Sequence[float] | None = None,
+        budget_weight: float = 10.0,
+        gumbel_tau: float = 1.0,
+    ):
+        super().__init__()
+        for name, value in (("dim", dim), ("codebook_size", codebook_size), ("num_grains", num_grains)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if dim < 1 or codebook_size < 1:
+            raise ValueError(f"dim and codebook_size must be >= 1, got {dim}, {codebook_size}")
+        if num_grains < 2:
+            raise ValueError(f"num_grains must be >= 2 (use dqfast.vector_quantize for one grain), got {num_grains}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must lie in (0, 1), got {decay}")
+        if gumbel_tau <= 0:
+            raise ValueError(f"gumbel_tau must be > 0, got {gumbel_tau}")
+        in_channels = dim if in_channels is None else in_channels
+
+        self.dim, self.codebook_size, self.num_grains = dim, codebook_size, num_grains
+        self.beta, self.metric, self.ema = float(beta), metric, ema
+        self.decay, self.eps = float(decay), float(eps)
+        self.restart_dead, self.dead_threshold = restart_dead, float(dead_threshold)
+        self.budget_target = None if budget_target is None else self._check_target(budget_target)
+        self.budget_weight, self.gumbel_tau = float(budget_weight), float(gumbel_tau)
+
+        self.router = GranularityRouter(in_channels, num_grains, router_hidden)
+        self.project = nn.Conv2d(in_channels, dim, 1) if in_channels != dim else nn.Identity()
+
+        # VQGAN's initialisation: small codes, pulled to the data by the losses or the EMA.
+        codebook = torch.empty(codebook_size, dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+        if ema:
+            self.register_buffer("codebook", codebook)
+            self.register_buffer("code_sum", codebook.clone())
+        else:
+            self.codebook = nn.Parameter(codebook)
+        # Usage starts at one per code, so the EMA codebook code_sum / usage starts at the initial codes.
+        self.register_buffer("usage", torch.ones(codebook_size))
+
+    def _check_target(self, target) -> tuple[float, ...]:
+        fractions = (float(target),) if isinstance(target, int | float) else tuple(float(t) for t in target)
+        if len(fractions) != self.num_grains - 1:
+            raise ValueError(
+                f"budget_target must give {self.num_grains - 1} fraction(s), finest grain first, got {target!r}"
+            )
+        if any(not 0.0 <= f <= 1.0 for f in fractions) or sum(fractions) > 1.0 + 1e-9:
+            raise ValueError(f"budget_target fractions must lie in [0, 1] and sum to at most 1, got {target!r}")
+        return fractions
+
+    def forward(self, features: Sequence[torch.Tensor], budget=None) -> DynamicQuantizerOutput:
+        """features: G maps (B, in_channels, H * 2**g, W * 2**g), coarsest first.
+
+        budget: None, or the exact per-image fraction(s) of regions per grain (see
+        ``dqfast.dynamic_quantize``); with a budget the router's scores rank the regions and the
+        quantizer passes no gradient to the router.
+        """
+        from dqfast import ops
+
+        if isinstance(features, torch.Tensor) or len(features) != self.num_grains:
+            raise ValueError(f"features must be a list of {self.num_grains} maps, coarsest first")
+        router_logits = self.router(features)
+        maps = [self.project(f) for f in features]
+
+        # A copy, in the maps' dtype: under autocast the maps may be half precision while the
+        # codebook stays fp32 (the cast is differentiable, so the fp32 codebook gets its gradient),
+        # and the EMA / restart update below rewrites the codebook in place, which must not touch a
+        # tensor the backward pass saved.
+        codebook = self.codebook.to(maps[0].dtype, copy=True)
+        gate = None
+        if budget is not None:
+            out = ops.dynamic_quantize(
+                maps, codebook, router_logits=router_logits, budget=budget, metric=self.metric, beta=self.beta
+            )
+        elif self.training:
+            gate = F.gumbel_softmax(router_logits, tau=self.gumbel_tau, hard=True, dim=-1).to(maps[0].dtype)
+            out = ops.dynamic_quantize(maps, codebook, gate=gate, metric=self.metric, beta=self.beta)
+        else:
+            out = ops.dynamic_quantize(maps, codebook, router_logits=router_logits, metric=self.metric, beta=self.beta)
+
+        loss = out.loss
+        if self.ema:
+            # The op's loss is (beta + 1) * E in value, and the codebook term (E) carries no gradient
+            # here since the codebook is a buffer; removing its value leaves beta * commitment.
+            loss = loss - loss.detach() / (1.0 + self.beta)
+
+        if self.training and (self.ema or self.restart_dead):
+            self._update_codebook(maps, out.indices, out.grain)
+
+        budget_loss = self._budget_loss(gate, out.grain, router_logits)
+        return DynamicQuantizerOutput(
+            out.quantized, out.indices, out.grain, loss, out.n_codes, router_logits, budget_loss
+        )
+
+    def _budget_loss(self, gate: torch.Tensor | None, grain: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """budget_weight * mean over grains g > 0 of (fraction of regions at g - target)^2.
+
+        The fractions are averaged over the batch (as in DQ-VAE) from the gate when training with
+        one (so the router gets the gradient), else from the hard grains.
+        """
+        if self.budget_target is None:
+            return like.new_zeros(())
+        choice = gate if gate is not None else F.one_hot(grain, self.num_grains).to(like.dtype)
+        fractions = choice.mean((0, 1, 2)).flip(0)[: self.num_grains - 1]  # finest first
+        target = torch.tensor(self.budget_target, dtype=fractions.dtype, device=fractions.device)
+        return self.budget_weight * F.mse_loss(fractions, target)
+
+    def _coded_vectors(
+        self, maps: Sequence[torch.Tensor], indices: torch.Tensor, grain: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every coded vector once, with its code: (N, D) float32 and (N,) int64."""
+        vectors, codes = [], []
+        G = self.num_grains
+        for g, feature in enumerate(maps):
+            coded = repeat(grain == g, "b h w -> b (h s1) (w s2)", s1=2**g, s2=2**g)
+            vectors.append(rearrange(feature, "b d h w -> b h w d")[coded])
+            stride = 2 ** (G - 1 - g)
+            codes.append(indices[:, ::stride, ::stride][coded])
+        vectors = torch.cat(vectors).float()
+        if self.metric == "cosine":
+            vectors = F.normalize(vectors, dim=-1, eps=NORMALIZE_EPS)
+        return vectors, torch.cat(codes)
+
+    @torch.no_grad()
+    def _update_codebook(self, maps: Sequence[torch.Tensor], indices: torch.Tensor, grain: torch.Tensor) -> None:
+        """EMA of code usage (and of the codebook with ``ema=True``), then dead-code restart.
+
+        Counts and sums come from bincount / index_add over the N coded vectors: O(N * D) memory,
+        no N x K one-hot. Under torch.distributed they are summed over ranks and the restart picks
+        come from rank 0, so every rank keeps the same codebook.
+        """
+        vectors, codes = self._coded_vectors([m.detach() for m in maps], indices, grain)
+        K = self.codebook_size
+        counts = torch.bincount(codes, minlength=K).float()
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.all_reduce(counts)
+        self.usage.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+
+        if self.ema:
+            sums = torch.zeros(K, self.dim, device=vectors.device).index_add_(0, codes, vectors)
+            if distributed:
+                dist.all_reduce(sums)
+            self.code_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+            # Laplace smoothing keeps rarely used codes from dividing by ~0.
+            total = self.usage.sum()
+            smoothed = (self.usage + self.eps) / (total + K * self.eps) * total
+            self.codebook.copy_(self.code_sum / smoothed[:, None])
+
+        if self.restart_dead and vectors.shape[0]:
+            # One candidate per code (no host sync on how many are dead); only dead codes take theirs.
+            candidates = vectors[torch.randint(vectors.shape[0], (K,), device=vectors.device)]
+            if distributed:
+                dist.broadcast(candidates, src=0)
+            dead = self.usage < self.dead_threshold
+            self.codebook.copy_(torch.where(dead[:, None], candidates.to(self.codebook.dtype), self.codebook))
+            self.usage.copy_(torch.where(dead, self.dead_threshold, self.usage))
+            if self.ema:
+                self.code_sum.copy_(torch.where(dead[:, None], candidates * self.dead_threshold, self.code_sum))
