@@ -1,27 +1,42 @@
 """dqfast: exact, fast building blocks for dynamic-granularity tokenizers, coarse-to-fine
-generators and learned image codecs."""
+generators and learned image codecs.
+
+Every op has a pure-PyTorch reference (:mod:`dqfast.reference`, the spec) and a Triton kernel
+(:mod:`dqfast.kernels`, imported on first use); :mod:`dqfast.backend` chooses between them.
+"""
 
 from dqfast.backend import BackendUnavailable, explain, get_backend, set_backend, use_backend
+from dqfast.ops import (
+    C2FLayout,
+    c2f_attention,
+    c2f_decode_attention,
+    c2f_flatten,
+    c2f_unflatten,
+    dynamic_quantize,
+    grain_from_budget,
+    subpixel_conv2d,
+    vector_quantize,
+)
 from dqfast.types import C2FTokens, DynamicVQOutput, VQOutput
 
 __version__ = "0.1.0"
 
-_OPS = {
-    "subpixel_conv2d",
-    "vector_quantize",
-    "dynamic_quantize",
-    "grain_from_budget",
+__all__ = [
+    "BackendUnavailable",
+    "C2FLayout",
+    "C2FTokens",
+    "DynamicVQOutput",
+    "VQOutput",
     "c2f_attention",
     "c2f_decode_attention",
     "c2f_flatten",
     "c2f_unflatten",
-    "C2FLayout",
-}
-
-
-def __getattr__(name):
-    if name in _OPS:
-        from dqfast import ops
-
-        return getattr(ops, name)
-    raise AttributeError(f"module 'dqfast' has no attribute {name!r}")
+    "dynamic_quantize",
+    "explain",
+    "get_backend",
+    "grain_from_budget",
+    "set_backend",
+    "subpixel_conv2d",
+    "use_backend",
+    "vector_quantize",
+]
