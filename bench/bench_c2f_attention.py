@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from dqfast.reference.c2f_attention import C2FLayout
 from providers import DEVICE, DQFAST, HAS_CUDA, REFERENCE, measure, require
 
 import dqfast
 from dqfast.nn.c2f_attention import C2FAttention
+from dqfast.reference.c2f_attention import C2FLayout
 
 SDPA_DENSE = "sdpa_dense"
 FLEX = "flex"

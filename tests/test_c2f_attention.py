@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-from dqfast.reference.c2f_attention import C2FLayout, c2f_attention, c2f_decode_attention
 
 import dqfast
 from dqfast.nn.c2f_attention import C2FAttention
+from dqfast.reference.c2f_attention import C2FLayout, c2f_attention, c2f_decode_attention
 from tests.helpers import randn, seed
 
 # (segment_sizes, lengths, mode): full capacity, short and empty segments, zero-size segments, B = 1.
