@@ -132,10 +132,14 @@ def reasons(op: str, *args, **kwargs) -> list[str]:
         return ["triton is not installed"]
     why = []
     devices = {t.device.type for t in _tensors(args, kwargs)}
-    if devices - {"cuda"} and not (devices == {"cpu"} and interpreting()):
-        why.append(
-            f"tensors are on {sorted(devices)}; Triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
-        )
+    if devices - {"cuda"}:
+        if get_backend() == "auto":
+            # auto never routes CPU tensors to the interpreter: it is for proving parity, not speed.
+            why.append(f"tensors are on {sorted(devices)}; backend 'auto' uses Triton only for CUDA tensors")
+        elif not (devices == {"cpu"} and interpreting()):
+            why.append(
+                f"tensors are on {sorted(devices)}; Triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+            )
     module, missing = _kernel_module(op)
     if module is None:
         why.append(missing)
@@ -148,7 +152,8 @@ def explain(op: str, *args, **kwargs) -> list[str]:
     """Why ``dqfast.<op>(*args, **kwargs)`` would not run on Triton under the current backend.
 
     Empty list: the call runs on the Triton kernel. Under backend ``reference`` the one reason
-    says so. Example: ``dqfast.explain("vector_quantize", z, codebook)``.
+    says so. Example: ``dqfast.explain("vector_quantize", z, codebook)``; to ask what an explicit
+    request would do, wrap it in ``with dqfast.use_backend("triton"):``.
     """
     if get_backend() == "reference":
         return ['backend is "reference"']

@@ -173,7 +173,8 @@ def run_demo(small: bool = False) -> list[tuple[str, str, str, str, str]]:
 
         # No CUDA: the kernels can only run through the Triton interpreter, on a small shape.
         args, kwargs = case.small(device, torch.float32)
-        why = dqfast.explain(case.op, *args, **kwargs)
+        with dqfast.use_backend("triton"):
+            why = dqfast.explain(case.op, *args, **kwargs)
         if why:
             rows.append((case.op, "triton", "-", "-", "unavailable: " + "; ".join(why)))
             continue

@@ -103,7 +103,8 @@ def test_explain_unknown_op():
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     z, cb = torch.randn(5, 3), torch.randn(4, 3)
-    why = dqfast.explain("vector_quantize", z, cb)
+    with dqfast.use_backend("triton"):
+        why = dqfast.explain("vector_quantize", z, cb)
     assert any("TRITON_INTERPRET=1" in r for r in why), why
     # auto falls back to the reference and gives its answer ...
     out = dqfast.vector_quantize(z, cb)
@@ -112,6 +113,23 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     # ... but an explicit triton request raises with the reasons instead of falling back.
     with dqfast.use_backend("triton"), pytest.raises(dqfast.BackendUnavailable, match="TRITON_INTERPRET"):
         dqfast.vector_quantize(z, cb)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton installed to reach the device check")
+def test_auto_never_sends_cpu_tensors_to_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    z, cb = torch.randn(5, 3), torch.randn(4, 3)
+    with dqfast.use_backend("auto"):
+        why = dqfast.explain("vector_quantize", z, cb)
+        assert any("only for CUDA tensors" in r for r in why), why
+
+        def boom(*a, **k):
+            raise AssertionError("auto resolved a CPU call to the kernel")
+
+        fake = type("FakeKernels", (), {op: staticmethod(boom) for op in ("vector_quantize",)})
+        fake.vector_quantize_reasons = staticmethod(lambda *a, **k: [])
+        monkeypatch.setattr(backend, "_kernel_module", lambda op: (fake, None))
+        assert dqfast.vector_quantize(z, cb).indices.shape == (5,)
 
 
 def test_missing_kernel_module_is_a_reason_not_a_crash(monkeypatch):
