@@ -15,6 +15,7 @@ from dqfast.ops import (
     dynamic_quantize,
     grain_from_budget,
     subpixel_conv2d,
+    upsample_conv2d,
     vector_quantize,
 )
 from dqfast.types import C2FTokens, DynamicVQOutput, VQOutput
@@ -37,6 +38,7 @@ __all__ = [
     "grain_from_budget",
     "set_backend",
     "subpixel_conv2d",
+    "upsample_conv2d",
     "use_backend",
     "vector_quantize",
 ]

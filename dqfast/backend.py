@@ -33,6 +33,7 @@ BACKENDS = ("auto", "triton", "reference")
 # the op reference-only, with that as the reason.
 KERNEL_MODULES = {
     "subpixel_conv2d": "subpixel_conv",
+    "upsample_conv2d": "subpixel_conv",
     "vector_quantize": "vector_quantize",
     "dynamic_quantize": "vector_quantize",
     "c2f_attention": "c2f_attention",

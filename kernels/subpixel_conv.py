@@ -989,3 +989,57 @@ def subpixel_conv2d_folded(
     if any(t.dtype != x.dtype for t in tensors) or x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x, phase_weight and bias must share one dtype among {SUPPORTED_DTYPES}")
     return SubPixelConv2dFoldedFunction.apply(x, phase_weight, bias, padding_mode, activation, negative_slope)
+
+
+def upsample_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    scale: int = 2,
+    padding_mode: str = "zeros",
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """``act(conv3x3(nearest_upsample_x2(x)))`` through the phase-aware kernel (2x2 taps per phase).
+
+    x: (B, Cin, H, W); weight: (Cout, Cin, 3, 3), the high-res conv weight; bias: (Cout,) or None.
+    Returns (B, Cout, 2H, 2W). Folding the weight is a tiny differentiable einsum per call.
+    """
+    return subpixel_conv2d_folded(
+        x,
+        fold_phase_weights(weight),
+        bias,
+        padding_mode=padding_mode,
+        activation=activation,
+        negative_slope=negative_slope,
+    )
+
+
+def upsample_conv2d_reasons(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    scale: int = 2,
+    padding_mode: str = "zeros",
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+) -> list[str]:
+    """Why :func:`upsample_conv2d` cannot serve this call (empty when it can)."""
+    why = []
+    if scale != 2 or weight.dim() != 4 or tuple(weight.shape[-2:]) != (3, 3):
+        why.append("the phase-aware resize-conv kernel covers 3x3 convs after a 2x upsample only")
+    if padding_mode not in FOLDABLE_PADDING_MODES:
+        why.append(f"padding_mode {padding_mode!r} does not fold; supported: {FOLDABLE_PADDING_MODES}")
+    tensors = [x, weight] + ([bias] if bias is not None else [])
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        why.append(f"x, weight and bias must share one dtype, got {sorted(map(str, dtypes))}")
+    elif x.dtype not in SUPPORTED_DTYPES:
+        why.append(f"dtype {x.dtype} is not supported (supported: {SUPPORTED_DTYPES})")
+    elif x.dtype == torch.bfloat16 and _INTERPRET:
+        why.append("bfloat16 is not supported by the Triton CPU interpreter")
+    if activation not in ACTIVATIONS:
+        why.append(f"activation {activation!r} is not one of {ACTIVATIONS}")
+    return why

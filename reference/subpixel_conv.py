@@ -147,3 +147,32 @@ def fold_upsample_conv(
     folded_weight = rearrange(folded_weight, "o a b i u v -> (o a b) i u v")
     folded_bias = None if bias is None else bias.repeat_interleave(scale * scale)
     return folded_weight, folded_bias
+
+
+def upsample_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    scale: int = 2,
+    padding_mode: str = "zeros",
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """The resize-convolution ``act(conv2d(pad(interpolate(x, scale, "nearest")), weight, bias))``.
+
+    x: (B, Cin, H, W); weight: (Cout, Cin, k, k), k odd, "same" padding k // 2 on the upsampled
+    grid with ``padding_mode`` zeros or replicate; bias: (Cout,) or None. Returns
+    (B, Cout, scale * H, scale * W). Computed as the exactly equal sub-pixel convolution on the
+    low-res grid (:func:`fold_upsample_conv`), so the upsampled image is never made.
+    """
+    folded_weight, folded_bias = fold_upsample_conv(weight, bias, scale=scale, padding_mode=padding_mode)
+    return subpixel_conv2d(
+        x,
+        folded_weight,
+        folded_bias,
+        upscale=scale,
+        padding_mode=padding_mode,
+        activation=activation,
+        negative_slope=negative_slope,
+    )

@@ -352,7 +352,8 @@ def test_from_upsample_conv(k, scale, padding_mode, H, W):
     seq = nn.Sequential(nn.Upsample(scale_factor=scale, mode="nearest"), conv)
     m = SubPixelConv2d.from_upsample_conv(conv, scale=scale)
     assert m.folded_from == (k, scale) and m.upscale == scale and m.out_channels == 6
-    assert m.kernel_size == folded_kernel_size(k, scale)
+    assert m.kernel_size == k and m.weight.shape == conv.weight.shape
+    assert m.folded_weight()[0].shape[-1] == folded_kernel_size(k, scale)
     assert f"folded_from=({k}, {scale})" in repr(m)
     x = randn(1, 4, H, W)
     with dqfast.use_backend("reference"):
@@ -421,3 +422,63 @@ def test_public_op_matches_reference_on_cpu():
     with dqfast.use_backend("reference"):
         got = dqfast.subpixel_conv2d(x, w, b, upscale=2, activation="silu")
     torch.testing.assert_close(got.double(), oracle(x, w, b, 2, "zeros", "silu"), **FP32_TOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# dqfast.upsample_conv2d: the resize-convolution as a public op
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "replicate"])
+@pytest.mark.parametrize("k, scale", [(3, 2), (5, 2), (3, 3), (1, 2)])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_upsample_conv2d_equals_interpolate_then_conv(k, scale, padding_mode, activation):
+    seed(21)
+    x = randn(2, 3, 5, 4, dtype=torch.float64)
+    w = randn(7, 3, k, k, dtype=torch.float64)
+    b = randn(7, dtype=torch.float64)
+    up = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
+    pad_mode = "constant" if padding_mode == "zeros" else padding_mode
+    want = torch.nn.functional.conv2d(torch.nn.functional.pad(up, [k // 2] * 4, mode=pad_mode), w, b)
+    if activation == "silu":
+        want = want * torch.sigmoid(want)
+    with dqfast.use_backend("reference"):
+        got = dqfast.upsample_conv2d(x, w, b, scale=scale, padding_mode=padding_mode, activation=activation)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_upsample_conv2d_module_trains_like_the_resize_conv():
+    """Gradients of a resize-mode module equal those of nn.Upsample + Conv2d (its own parameters)."""
+    seed(22)
+    conv = nn.Conv2d(4, 5, 3, padding=1).double()
+    m = SubPixelConv2d.from_upsample_conv(conv)
+    x = randn(2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    g = randn(2, 5, 6, 10, dtype=torch.float64)
+    with dqfast.use_backend("reference"):
+        (m(x) * g).sum().backward()
+    (conv(torch.nn.functional.interpolate(x2, scale_factor=2, mode="nearest")) * g).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(m.weight.grad, conv.weight.grad, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(m.bias.grad, conv.bias.grad, atol=1e-12, rtol=1e-12)
+    assert set(m.state_dict()) == set(conv.state_dict())
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda x, w: dqfast.upsample_conv2d(x, w, padding_mode="reflect"), ValueError, "padding_mode"),
+        (lambda x, w: dqfast.upsample_conv2d(x, w[..., :2, :2]), ValueError, "odd kernel"),
+        (lambda x, w: dqfast.upsample_conv2d(x, w[:, :2]), ValueError, "input channels"),
+        (lambda x, w: dqfast.upsample_conv2d(x, w, scale=0), ValueError, "scale"),
+        (lambda x, w: dqfast.upsample_conv2d(x, w, scale=2.0), TypeError, "scale"),
+        (lambda x, w: dqfast.upsample_conv2d(x, w.double()), TypeError, "dtype"),
+        (lambda x, w: dqfast.upsample_conv2d(x, w, torch.zeros(3)), ValueError, "bias"),
+        (lambda x, w: dqfast.upsample_conv2d(x[0], w), ValueError, "x"),
+        (lambda x, w: dqfast.upsample_conv2d(x, w, activation="tanh"), ValueError, "activation"),
+    ],
+)
+def test_upsample_conv2d_bad_input(call, error, match):
+    x, w = torch.randn(1, 3, 4, 4), torch.randn(5, 3, 3, 3)
+    with pytest.raises(error, match=match):
+        call(x, w)

@@ -265,3 +265,53 @@ def test_parity_gpu_large(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_folded_parity_gpu_large(dtype):
     test_folded_parity((2, 128, 48, 40, 128, "replicate", "silu", True), dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("padding_mode", ["zeros", "replicate"])
+def test_public_upsample_conv2d_routes_to_the_phase_kernel(dtype, padding_mode):
+    """dqfast.upsample_conv2d under the triton backend matches the reference, output and gradients."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 5, 7, 9).to(KERNEL_DEVICE, dtype)
+    w = (torch.randn(6, 5, 3, 3) / 4).to(KERNEL_DEVICE, dtype)
+    b = torch.randn(6).to(KERNEL_DEVICE, dtype)
+    g = torch.randn(2, 6, 14, 18).to(KERNEL_DEVICE, dtype)
+    kw = dict(padding_mode=padding_mode, activation="gelu")
+    with dqfast.use_backend("triton"):
+        assert dqfast.explain("upsample_conv2d", x, w, b, **kw) == []
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        out = dqfast.upsample_conv2d(xs, ws, bs, **kw)
+        (out * g).sum().backward()
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    with dqfast.use_backend("reference"):
+        ref = dqfast.upsample_conv2d(x64, w64, b64, **kw)
+        (ref * g.double()).sum().backward()
+        same = dqfast.upsample_conv2d(x, w, b, **kw) if dtype == torch.float32 else None
+    if dtype == torch.float32:
+        tol = dict(atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.double(), ref, **tol)
+        torch.testing.assert_close(same.double(), ref, **tol)
+        for got, want in ((xs.grad, x64.grad), (ws.grad, w64.grad), (bs.grad, b64.grad)):
+            torch.testing.assert_close(got.double(), want, **tol)
+    else:
+        xr, wr, br = (t.detach().requires_grad_() for t in (x, w, b))
+        with dqfast.use_backend("reference"):
+            same = dqfast.upsample_conv2d(xr, wr, br, **kw)
+            (same * g).sum().backward()
+        assert_three_way(out, same, ref, "out")
+        for name, got, sd, want in (
+            ("dx", xs.grad, xr.grad, x64.grad),
+            ("dw", ws.grad, wr.grad, w64.grad),
+            ("db", bs.grad, br.grad, b64.grad),
+        ):
+            assert_three_way(got, sd, want, name)
+
+
+@needs_kernels
+def test_upsample_conv2d_other_kernel_sizes_fall_back_or_raise():
+    x, w = torch.randn(1, 3, 4, 4).to(KERNEL_DEVICE), torch.randn(5, 3, 5, 5).to(KERNEL_DEVICE)
+    with dqfast.use_backend("triton"):
+        assert any("3x3" in r for r in dqfast.explain("upsample_conv2d", x, w))
+        with pytest.raises(dqfast.BackendUnavailable, match="3x3"):
+            dqfast.upsample_conv2d(x, w)

@@ -24,9 +24,16 @@ class SubPixelConv2d(nn.Module):
     x: (B, in_channels, H, W) -> (B, out_channels, upscale * H, upscale * W).
     Parameters: ``weight`` (out_channels * upscale**2, in_channels, k, k) and ``bias``
     (out_channels * upscale**2,) or None, in pixel-shuffle channel order, initialised like
-    ``nn.Conv2d``. ``folded_from`` is ``(kernel_size, scale)`` of the resize-convolution this
-    module was folded from by :meth:`from_upsample_conv` (its folded kernel has taps no output
-    phase reads, which a phase-aware kernel may skip), else None.
+    ``nn.Conv2d``.
+
+    Resize mode (built by :meth:`from_upsample_conv`): the module computes
+    ``act(conv(interpolate(x, scale, "nearest")))`` through :func:`dqfast.upsample_conv2d`, which
+    runs it as the equal sub-pixel convolution on the low-res grid (the Triton kernel reads only
+    the 2x2 taps each output phase needs). ``weight`` (out_channels, in_channels, k, k) and ``bias``
+    (out_channels,) are then the resize-conv's own parameters, so its state dict stays
+    interchangeable with the ``nn.Conv2d`` it came from and training keeps the folded structure;
+    ``folded_from`` is ``(k, scale)`` and :meth:`folded_weight` gives the sub-pixel weights.
+    Otherwise ``folded_from`` is None.
     """
 
     def __init__(
@@ -88,6 +95,16 @@ class SubPixelConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_channels, H, W) -> (B, out_channels, upscale * H, upscale * W)."""
+        if self.folded_from is not None:
+            return ops.upsample_conv2d(
+                x,
+                self.weight,
+                self.bias,
+                scale=self.upscale,
+                padding_mode=self.padding_mode,
+                activation=self.activation,
+                negative_slope=self.negative_slope,
+            )
         return ops.subpixel_conv2d(
             x,
             self.weight,
@@ -177,8 +194,9 @@ class SubPixelConv2d(nn.Module):
     def from_upsample_conv(cls, conv: nn.Conv2d, scale: int = 2) -> SubPixelConv2d:
         """The module equal to ``conv(F.interpolate(x, scale_factor=scale, mode="nearest"))``.
 
-        The resize-convolution is folded into a sub-pixel convolution on the low-res grid (see
-        :func:`dqfast.reference.subpixel_conv.fold_upsample_conv`): no upsampled image is ever
+        The module keeps ``conv``'s parameters (copied) and runs :func:`dqfast.upsample_conv2d`,
+        which computes the resize-convolution as the equal sub-pixel convolution on the low-res grid
+        (see :func:`dqfast.reference.subpixel_conv.fold_upsample_conv`): no upsampled image is ever
         made. conv: odd "same" nn.Conv2d with padding_mode zeros or replicate (reflect does not
         fold exactly and is refused).
         """
@@ -189,18 +207,28 @@ class SubPixelConv2d(nn.Module):
                 f"got {conv.padding_mode!r}: reflect padding of the upsampled image mirrors about a "
                 "different point than reflect padding of the low-res image, so no sub-pixel conv equals it"
             )
-        with torch.no_grad():
-            weight, bias = fold_upsample_conv(conv.weight, conv.bias, scale=scale, padding_mode=conv.padding_mode)
         module = cls(
             conv.in_channels,
             conv.out_channels,
-            kernel_size=weight.shape[-1],
+            kernel_size=k,
             upscale=scale,
             bias=conv.bias is not None,
             padding_mode=conv.padding_mode,
             device=conv.weight.device,
             dtype=conv.weight.dtype,
         )
-        module._copy_parameters(weight, bias)
+        module.weight = nn.Parameter(conv.weight.detach().clone())
+        if conv.bias is not None:
+            module.bias = nn.Parameter(conv.bias.detach().clone())
         module.folded_from = (k, scale)
         return module
+
+    def folded_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sub-pixel ``(weight, bias)`` this module computes with, in pixel-shuffle order.
+
+        For a resize-mode module the fold of its resize-conv parameters
+        (:func:`dqfast.reference.subpixel_conv.fold_upsample_conv`); otherwise its own parameters.
+        """
+        if self.folded_from is None:
+            return self.weight, self.bias
+        return fold_upsample_conv(self.weight, self.bias, scale=self.upscale, padding_mode=self.padding_mode)
