@@ -18,6 +18,7 @@ from dqfast.ops import (
     upsample_conv2d,
     vector_quantize,
 )
+from dqfast.patch import patch
 from dqfast.types import C2FTokens, DynamicVQOutput, VQOutput
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "explain",
     "get_backend",
     "grain_from_budget",
+    "patch",
     "set_backend",
     "subpixel_conv2d",
     "upsample_conv2d",

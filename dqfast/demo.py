@@ -186,7 +186,7 @@ def run_demo(small: bool = False) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
-def main() -> int:
+def main(ops_only: bool = False) -> int:
     import dqfast
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no CUDA device)"

@@ -88,6 +88,21 @@ def _scale(scale) -> None:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 
+def _autocast(*tensors):
+    """Cast floating tensors to the autocast dtype when autocast is on for their device.
+
+    The conv and attention ops follow ``torch.autocast`` like ``F.conv2d`` and SDPA do, so modules
+    holding fp32 parameters run in bf16/fp16 under mixed precision instead of raising on the
+    dtype mix. Tensors that are None stay None.
+    """
+    first = next(t for t in tensors if t is not None)
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
+
+
 def _dispatch(op: str, reference_fn, *args, **kwargs):
     return backend.resolve(op, reference_fn, *args, **kwargs)(*args, **kwargs)
 
@@ -115,6 +130,7 @@ def subpixel_conv2d(
     """
     _tensor(x, "x", ndim=4, floating=True)
     _tensor(weight, "weight", ndim=4, floating=True)
+    x, weight, bias = _autocast(x, weight, bias)
     upscale = _int(upscale, "upscale", minimum=1)
     pairs = [("x", x), ("weight", weight)]
     cout_r2, cin, kh, kw = weight.shape
@@ -173,6 +189,7 @@ def upsample_conv2d(
     """
     _tensor(x, "x", ndim=4, floating=True)
     _tensor(weight, "weight", ndim=4, floating=True)
+    x, weight, bias = _autocast(x, weight, bias)
     scale = _int(scale, "scale", minimum=1)
     cout, cin, kh, kw = weight.shape
     if kh != kw or kh % 2 == 0:
@@ -427,6 +444,7 @@ def c2f_attention(
     Pad queries return 0. ``scale`` defaults to Dh ** -0.5.
     """
     _check_qkv(q, k, v)
+    q, k, v = _autocast(q, k, v)
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
             f"q, k and v must have the same shape (B, Hh, L, Dh), got {tuple(q.shape)}, "
@@ -459,6 +477,7 @@ def c2f_decode_attention(
     attends to every valid cached key; a query with no valid key returns 0.
     """
     _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
+    q, k_cache, v_cache = _autocast(q, k_cache, v_cache)
     if k_cache.shape != v_cache.shape:
         raise ValueError(
             f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"

@@ -1,0 +1,370 @@
+"""DQ-VAE: shapes, gradients, exact per-image budgets, encode/decode, the entropy router, triple
+grain, the folded decoder upsamplers and a short training run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import repeat
+
+import dqfast
+from dqfast.models import create
+from dqfast.models.dqvae import DQVAE, DQTokens, EntropyRouter, region_entropy
+from dqfast.nn import SubPixelConv2d
+from tests.helpers import seed
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def images(batch: int = 2, side: int = 32, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Smooth random images in [0, 1] with a noisy patch, so regions differ in detail."""
+    g = generator if generator is not None else seed(0)
+    x = F.interpolate(torch.rand(batch, 3, 4, 4, generator=g), size=side, mode="bilinear", align_corners=False)
+    x[:, :, : side // 2, : side // 2] += 0.3 * torch.rand(batch, 3, side // 2, side // 2, generator=g)
+    return x.clamp(0, 1)
+
+
+def expected_counts(fractions, regions: int) -> list[int]:
+    """Regions per grain above the coarsest (finest first) by cumulative rounding, computed here."""
+    fractions = [fractions] if isinstance(fractions, float) else list(fractions)
+    counts, previous, total = [], 0, 0.0
+    for f in fractions:
+        total += f
+        cumulative = min(math.floor(total * regions + 0.5), regions)
+        counts.append(cumulative - previous)
+        previous = cumulative
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes and gradients
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, grid, latent", [("dqvae-tiny", 4, 8), ("dqvae-triple-tiny", 4, 16), ("dqvae-entropy", 4, 8)]
+)
+def test_shapes(name, grid, latent):
+    seed(0)
+    overrides = {}
+    if name == "dqvae-entropy":  # the entropy preset at tiny size
+        overrides = dict(
+            resolution=32, ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(), mid_attn=False
+        )
+        overrides.update(z_channels=16, embed_dim=16, codebook_size=64)
+    model = create(name, **overrides).eval()
+    x = images(3)
+    out = model(x)
+    G = model.num_grains
+    assert out.reconstruction.shape == x.shape
+    assert out.indices.shape == (3, latent, latent) and out.indices.dtype == torch.int64
+    assert out.grain.shape == (3, grid, grid) and out.grain.dtype == torch.int64
+    assert out.router_scores.shape == (3, grid, grid, G)
+    assert int(out.grain.min()) >= 0 and int(out.grain.max()) < G
+    assert torch.equal(out.n_codes, (4**out.grain).sum((1, 2)))
+    assert out.quant_loss.dim() == 0 and torch.isfinite(out.quant_loss)
+    # Every region's codes are its own: a coarse region's cells of the finest grid share one code.
+    for g in range(G):
+        side = latent // grid // 2**g
+        blocks = repeat(out.indices[:, ::side, ::side], "b h w -> b (h s1) (w s2)", s1=side, s2=side)
+        mask = repeat(out.grain == g, "b h w -> b (h s1) (w s2)", s1=latent // grid, s2=latent // grid)
+        assert torch.equal(out.indices[mask], blocks[mask])
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("dqvae-tiny", {}),
+        ("dqvae-tiny", {"ema": False}),
+        ("dqvae-triple-tiny", {}),
+        ("dqvae-tiny", {"router": "entropy", "train_budget": 0.5}),
+    ],
+)
+def test_gradients_reach_every_parameter(name, overrides):
+    """In training mode (hard Gumbel gate for the feature router) every parameter gets a gradient,
+    the router's included; with ``ema=False`` the codebook is a parameter and gets one too."""
+    seed(0)
+    model = create(name, **overrides).train()
+    loss, logs = model.training_step({"image": images(2)})
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert missing == []
+    if overrides.get("router", "feature") == "feature":
+        assert any(n.startswith("quantizer.router.") for n, _ in model.named_parameters())
+    if overrides.get("ema") is False:
+        assert isinstance(model.codebook, torch.nn.Parameter)
+    for key in ("loss", "l1", "psnr", "fine_ratio", "codes_per_image"):
+        assert isinstance(logs[key], float) and math.isfinite(logs[key])
+
+
+# ----------------------------------------------------------------------------------------------
+# Budgets, encode / decode
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("router", ["feature", "entropy"])
+@pytest.mark.parametrize("budget", [0.0, 0.3, 0.5, 1.0])
+def test_budget_is_exact_per_image(router, budget):
+    seed(1)
+    model = create("dqvae-tiny", router=router).eval()
+    x = images(4, generator=seed(2))
+    tokens = model.encode(x, budget=budget)
+    fine = expected_counts(budget, 16)[0]
+    assert ((tokens.grain == 1).sum((1, 2)) == fine).all()
+    assert (tokens.n_codes == 16 - fine + 4 * fine).all()
+    # forward agrees with encode on the budget
+    assert torch.equal(model(x, budget=budget).grain, tokens.grain)
+
+
+@pytest.mark.parametrize("router", ["feature", "entropy"])
+@pytest.mark.parametrize("budget", [(0.3, 0.3), (0.25, 0.5), (0.0, 1.0)])
+def test_triple_grain_budget_is_exact_per_image(router, budget):
+    seed(3)
+    model = create("dqvae-triple-tiny", router=router).eval()
+    tokens = model.encode(images(3), budget=budget)
+    n_fine, n_medium = expected_counts(budget, 16)
+    assert ((tokens.grain == 2).sum((1, 2)) == n_fine).all()
+    assert ((tokens.grain == 1).sum((1, 2)) == n_medium).all()
+    assert (tokens.n_codes == (16 - n_fine - n_medium) + 4 * n_medium + 16 * n_fine).all()
+    # The c2f order of three grains round-trips.
+    indices, grain = dqfast.c2f_unflatten(tokens.c2f())
+    assert torch.equal(indices, tokens.indices) and torch.equal(grain, tokens.grain)
+
+
+def test_decode_of_encode_matches_forward():
+    seed(4)
+    model = create("dqvae-tiny").eval()
+    x = images(2)
+    tokens = model.encode(x, budget=0.5)
+    assert isinstance(tokens, DQTokens)
+    image = model.decode(tokens)
+    assert image.shape == x.shape
+    expected = model(x, budget=0.5).reconstruction
+    torch.testing.assert_close(image, expected, atol=1e-5, rtol=1e-5)
+    # The coarse-to-fine sequence of a generator decodes to the same image.
+    torch.testing.assert_close(model.decode(tokens.c2f()), image, atol=0, rtol=0)
+
+
+def test_decode_of_cosine_codes_matches_forward():
+    seed(5)
+    model = create("dqvae-tiny", metric="cosine", ema=False).eval()
+    x = images(2)
+    torch.testing.assert_close(model.decode(model.encode(x)), model(x).reconstruction, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_is_deterministic_in_training_mode():
+    """encode tokenises with the argmax router and leaves the codebook and the mode untouched."""
+    seed(6)
+    model = create("dqvae-tiny").train()
+    x = images(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = model.encode(x)
+    second = model.encode(x)
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert torch.equal(first.indices, second.indices) and torch.equal(first.grain, second.grain)
+    eval_tokens = model.eval().encode(x)
+    assert torch.equal(first.grain, eval_tokens.grain) and torch.equal(first.indices, eval_tokens.indices)
+    assert torch.equal(first.grain, model(x).grain)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entropy router
+# ----------------------------------------------------------------------------------------------
+
+
+def numpy_region_entropy(image: np.ndarray, grid: int, bins: int = 32) -> np.ndarray:
+    """Independent formulation: numpy histograms over the image's own min..max."""
+    gray = 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]
+    lo, hi = float(gray.min()), float(gray.max())
+    side = gray.shape[0] // grid
+    out = np.zeros((grid, grid))
+    for i in range(grid):
+        for j in range(grid):
+            patch = gray[i * side : (i + 1) * side, j * side : (j + 1) * side]
+            counts, _ = np.histogram(patch, bins=bins, range=(lo, hi) if hi > lo else (lo, lo + 1))
+            p = counts[counts > 0] / patch.size
+            out[i, j] = -(p * np.log2(p)).sum()
+    return out
+
+
+def test_region_entropy_matches_numpy_histograms():
+    g = seed(7)
+    # Gray values at bin centres of the image's range, so float rounding cannot move a bin edge.
+    levels = torch.randint(0, 32, (2, 32, 32), generator=g).double()
+    levels[:, 0, 0], levels[:, 0, 1] = 0, 31  # the range is exactly 32 bins wide
+    gray = -0.7 + 0.05 * (levels + 0.5)
+    gray[:, 0, 0], gray[:, 0, 1] = -0.7, -0.7 + 0.05 * 32
+    gray[:, 8:16, 8:24] = 0.1  # flat regions
+    x = repeat(gray, "b h w -> b c h w", c=3).float()
+    ours = region_entropy(x, (4, 4))
+    for b in range(2):
+        np.testing.assert_allclose(ours[b].numpy(), numpy_region_entropy(x[b].double().numpy(), 4), atol=1e-5)
+    assert (ours[:, 1, 1:3] == 0).all()
+
+
+def test_entropy_bins_cover_the_actual_value_range():
+    """A low-contrast image in [0.5, 0.5 + 8/1000) and the same image mapped to [-3, 1]: 8 equally
+    frequent gray levels give 3 bits in the textured region in both. Bins over a fixed [0, 1] range
+    would put the 8 levels of the first image in one bin (0 bits) and drop the second's negative
+    values."""
+    levels = torch.arange(64).remainder(8).reshape(8, 8).double()  # 8 levels, 8 pixels each
+    gray = torch.zeros(16, 16, dtype=torch.float64)
+    gray[:8, :8] = levels
+    gray[8:, 8:] = 7.0  # the image's other values: flat
+    for lo, step in ((0.5, 0.001), (-3.0, 4.0 / 7)):
+        x = repeat(lo + step * gray, "h w -> 1 c h w", c=3).float()
+        e = region_entropy(x, (2, 2))
+        torch.testing.assert_close(e[0, 0, 0], torch.tensor(3.0), atol=1e-5, rtol=0)
+        assert (e[0].flatten()[1:] == 0).all()
+
+
+def test_entropy_is_invariant_to_affine_value_maps():
+    g = seed(8)
+    levels = torch.randint(0, 32, (1, 1, 32, 32), generator=g).float()
+    levels[..., 0, 0], levels[..., 0, 1] = 0, 31
+    x = (levels + 0.5) / 32
+    y = 4.0 * x - 1.5  # bin centres map to bin centres of the new range
+    torch.testing.assert_close(region_entropy(x, (4, 4)), region_entropy(y, (4, 4)), atol=1e-5, rtol=0)
+
+
+def test_entropy_router_thresholds_and_calibration():
+    router = EntropyRouter(2, thresholds=[1.5])
+    levels = torch.arange(256).remainder(4).reshape(16, 16).float()  # 4 levels: 2 bits
+    gray = torch.zeros(32, 32)
+    gray[:16, :16] = levels / 3  # one textured region out of four, range [0, 1]
+    x = repeat(gray, "h w -> 1 c h w", c=3)
+    grain, scores = router(x, (2, 2))
+    assert grain.tolist() == [[[1, 0], [0, 0]]]
+    torch.testing.assert_close(scores[0, 0, 0], torch.tensor([0.0, 2.0]))
+    router.thresholds.fill_(2.5)
+    assert int(router(x, (2, 2))[0].sum()) == 0
+
+    g = seed(9)
+    entropy = torch.rand(1000, generator=g) * 5
+    router.calibrate(entropy, 0.3)
+    assert abs(float((entropy > router.thresholds[0]).float().mean()) - 0.3) < 0.01
+    triple = EntropyRouter(3)
+    triple.calibrate(entropy, (0.2, 0.3))
+    lo, hi = triple.thresholds.tolist()
+    assert lo < hi
+    assert abs(float((entropy > hi).float().mean()) - 0.2) < 0.01
+    assert abs(float(((entropy > lo) & (entropy <= hi)).float().mean()) - 0.3) < 0.01
+
+
+def test_entropy_model_codes_textured_regions_fine():
+    seed(10)
+    model = create("dqvae-tiny", router="entropy", entropy_thresholds=[1.0]).eval()
+    x = torch.full((1, 3, 32, 32), 0.5)
+    x[:, :, 8:16, 16:24] = torch.rand(1, 3, 8, 8, generator=seed(11))
+    tokens = model.encode(x)
+    expected = torch.zeros(1, 4, 4, dtype=torch.int64)
+    expected[0, 1, 2] = 1
+    assert torch.equal(tokens.grain, expected)
+    model.calibrate_entropy_thresholds(images(4), 0.5)
+    assert model.encode(images(4)).grain.float().mean().item() == pytest.approx(0.5, abs=0.15)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder upsamplers
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dqvae-tiny", "dqvae-triple-tiny"])
+def test_folded_upsamplers_equal_nearest_upsample_conv(name):
+    seed(12)
+    model = create(name).eval()
+    upsamplers = list(model.decoder.upsamples)
+    assert len(upsamplers) == int(math.log2(32 // model.latent_size))
+    # The decoder holds no other upsampling: every x2 step is one of these modules.
+    assert sum(isinstance(m, SubPixelConv2d) for m in model.modules()) == len(upsamplers)
+    with dqfast.use_backend("reference"):
+        for module in upsamplers:
+            assert isinstance(module, SubPixelConv2d) and module.folded_from == (3, 2)
+            with torch.no_grad():
+                module.weight.normal_()
+                module.bias.normal_()
+            x = torch.randn(2, module.in_channels, 5, 6, dtype=torch.float64)
+            module = module.double()
+            expected = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), module.weight, module.bias, padding=1)
+            torch.testing.assert_close(module(x), expected, atol=1e-10, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration, presets, bad input
+# ----------------------------------------------------------------------------------------------
+
+
+def test_paper_preset_configuration():
+    with torch.device("meta"):
+        model = create("dqvae")
+    assert (model.grid_size, model.latent_size, model.resolution) == (16, 32, 256)
+    assert tuple(model.codebook.shape) == (1024, 256)
+    assert model.router_kind == "feature" and model.num_grains == 2
+    assert len(model.decoder.upsamples) == 3  # 32 -> 256
+    n = sum(p.numel() for p in model.parameters())
+    assert 30e6 < n < 80e6
+
+
+def test_bad_input():
+    seed(13)
+    model = create("dqvae-tiny").eval()
+    with pytest.raises(ValueError, match="32x32"):
+        model(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="indices"):
+        model.decode(DQTokens(torch.zeros(1, 4, 4, dtype=torch.int64), torch.zeros(1, 4, 4), torch.ones(1)))
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        model.decode(DQTokens(torch.full((1, 8, 8), 64), torch.zeros(1, 4, 4), torch.ones(1)))
+    with pytest.raises(ValueError, match="budget"):
+        model.encode(images(1), budget=1.5)
+    with pytest.raises(ValueError, match="router"):
+        DQVAE(router="pooling")
+    with pytest.raises(ValueError, match="num_grains"):
+        create("dqvae-tiny", num_grains=5)
+    with pytest.raises(ValueError, match="ascending"):
+        EntropyRouter(3, thresholds=[2.0, 1.0])
+    with pytest.raises(ValueError, match="router='entropy'"):
+        model.calibrate_entropy_thresholds(images(1), 0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def test_learns_to_reconstruct_fixed_crops():
+    """150 Adam steps on 4 fixed 32x32 crops: the loss falls below half its start and the
+    reconstruction error below a third, with the fine ratio held near the 0.5 target."""
+    seed(14)
+    model = create("dqvae-tiny").train()
+    x = images(4, generator=seed(15))
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    history = []
+    for _ in range(150):
+        loss, logs = model.training_step({"image": x})
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(logs)
+    first, last = history[0], history[-10:]
+    final_loss = sum(h["loss"] for h in last) / len(last)
+    final_l1 = sum(h["l1"] for h in last) / len(last)
+    assert final_loss < 0.5 * first["loss"], (first, history[-1])
+    assert final_l1 < first["l1"] / 3, (first, history[-1])
+    assert abs(sum(h["fine_ratio"] for h in last) / len(last) - 0.5) < 0.2
+    model.eval()
+    with torch.no_grad():
+        error = (model.decode(model.encode(x, budget=0.5)) - x).abs().mean().item()
+    assert error < first["l1"] / 3
