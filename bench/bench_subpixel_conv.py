@@ -187,12 +187,16 @@ def test_resize_conv(benchmark, case: Case, dtype: torch.dtype, provider: str):
     pad, folded_pad = case.k // 2, folded_w.shape[-1] // 2
 
     if provider == DQFAST_FOLDED:
-        # The phase-aware kernel reads only the 2x2 taps each output phase uses; no public op
-        # routes to it yet, so it is called from the kernel module directly.
-        from dqfast.kernels.subpixel_conv import fold_phase_weights, subpixel_conv2d_folded
+        # The phase-aware kernel reads only the 2x2 taps each output phase uses.
+        with dqfast.use_backend("triton"):
+            reasons = dqfast.explain("upsample_conv2d", x, w, b, scale=case.r)
+        if reasons:
+            pytest.skip("dqfast kernel unavailable: " + "; ".join(reasons))
 
-        phase_w = fold_phase_weights(w)
-        fn = lambda: subpixel_conv2d_folded(x, phase_w, b)
+        def fn():
+            with dqfast.use_backend("triton"):
+                return dqfast.upsample_conv2d(x, w, b, scale=case.r)
+
     elif provider == DQFAST_DENSE_FOLDED:
         _require_kernel(x, folded_w, folded_b, upscale=case.r)
 

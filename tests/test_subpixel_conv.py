@@ -482,3 +482,18 @@ def test_upsample_conv2d_bad_input(call, error, match):
     x, w = torch.randn(1, 3, 4, 4), torch.randn(5, 3, 3, 3)
     with pytest.raises(error, match=match):
         call(x, w)
+
+
+@pytest.mark.parametrize("op", ["subpixel", "upsample"])
+def test_ops_follow_autocast(op):
+    """Under autocast an fp32 module runs in the autocast dtype instead of refusing the dtype mix."""
+    seed(23)
+    m = SubPixelConv2d(4, 3) if op == "subpixel" else SubPixelConv2d.from_upsample_conv(nn.Conv2d(4, 3, 3, padding=1))
+    x = randn(1, 4, 5, 6).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16), dqfast.use_backend("reference"):
+        out = m(x)
+    assert out.dtype == torch.bfloat16
+    with dqfast.use_backend("reference"):
+        want = m.float()(x.float())
+    torch.testing.assert_close(out.float(), want, atol=0.1, rtol=0.05)
+    assert m.weight.dtype == torch.float32
