@@ -42,6 +42,14 @@ def _cases() -> list[Case]:
 
         return make
 
+    def upconv(b, c, h):
+        def make(dev, dt):
+            x = torch.randn(b, c, h, h, device=dev, dtype=dt)
+            wt = torch.randn(c, c, 3, 3, device=dev, dtype=dt) / (3 * c**0.5)
+            return (x, wt, torch.zeros(c, device=dev, dtype=dt)), dict(activation="silu")
+
+        return make
+
     def vq(n, k, d):
         def make(dev, dt):
             return (torch.randn(n, d, device=dev, dtype=dt), torch.randn(k, d, device=dev, dtype=dt)), {}
@@ -90,6 +98,13 @@ def _cases() -> list[Case]:
             spc(1, 96, 128, 96, 64, 2),
             dqfast.subpixel_conv2d,
             spc(1, 5, 3, 9, 7, 2),
+        ),
+        Case(
+            "upsample_conv2d",
+            "VQGAN upsampler 128 ch, 64x64 -> 128x128",
+            upconv(1, 128, 64),
+            dqfast.upsample_conv2d,
+            upconv(1, 5, 6),
         ),
         Case(
             "vector_quantize",

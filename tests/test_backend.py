@@ -184,7 +184,14 @@ def test_demo_prints_a_row_per_op():
     # small=True runs the parity shapes only: this test checks the table, not the speed.
     rows = demo.run_demo(small=True)
     ops = {r[0] for r in rows}
-    assert ops == {"subpixel_conv2d", "vector_quantize", "dynamic_quantize", "c2f_attention", "c2f_decode_attention"}
+    assert ops == {
+        "subpixel_conv2d",
+        "upsample_conv2d",
+        "vector_quantize",
+        "dynamic_quantize",
+        "c2f_attention",
+        "c2f_decode_attention",
+    }
     assert all(r[1].startswith(("reference", "triton")) for r in rows)
     for r in rows:
         if r[3] not in ("0", "-"):
