@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,7 +102,9 @@ def test_explain_unknown_op():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton installed to reach the device check")
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # Patch the check, not the environment: a kernel module imported with TRITON_INTERPRET=0 would
+    # stay compiled for a GPU for the rest of this process.
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
     z, cb = torch.randn(5, 3), torch.randn(4, 3)
     with dqfast.use_backend("triton"):
         why = dqfast.explain("vector_quantize", z, cb)
@@ -117,7 +120,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton installed to reach the device check")
 def test_auto_never_sends_cpu_tensors_to_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend, "interpreting", lambda: True)
     z, cb = torch.randn(5, 3), torch.randn(4, 3)
     with dqfast.use_backend("auto"):
         why = dqfast.explain("vector_quantize", z, cb)
@@ -136,7 +139,7 @@ def test_missing_kernel_module_is_a_reason_not_a_crash(monkeypatch):
     monkeypatch.setitem(backend.KERNEL_MODULES, "vector_quantize", "no_such_kernel_module")
     backend._kernel_module.cache_clear()
     try:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setattr(backend, "interpreting", lambda: True)
         z, cb = torch.randn(5, 3), torch.randn(4, 3)
         why = backend.reasons("vector_quantize", z, cb)
         if HAS_TRITON:
@@ -179,10 +182,13 @@ def test_public_names_import():
 
 
 def test_demo_prints_a_row_per_op():
-    from dqfast import demo
-
+    # A fresh process, as `make demo` runs: whether kernels are interpreted is fixed when Triton
+    # first compiles them, so it cannot be switched inside this test process.
     # small=True runs the parity shapes only: this test checks the table, not the speed.
-    rows = demo.run_demo(small=True)
+    code = "import json; from dqfast import demo; print(json.dumps(demo.run_demo(small=True)))"
+    out = _run(code, TRITON_INTERPRET="1" if HAS_TRITON and not torch.cuda.is_available() else "0")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
     ops = {r[0] for r in rows}
     assert ops == {
         "subpixel_conv2d",
@@ -193,6 +199,8 @@ def test_demo_prints_a_row_per_op():
         "c2f_decode_attention",
     }
     assert all(r[1].startswith(("reference", "triton")) for r in rows)
+    if HAS_TRITON:
+        assert sum(r[1].startswith("triton") and r[3] != "-" for r in rows) == len(ops), rows
     for r in rows:
         if r[3] not in ("0", "-"):
             assert float(r[3]) < 1e-3, r
