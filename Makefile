@@ -30,8 +30,9 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 
 # Kernel parity runs on the CPU through the Triton interpreter; GPU-only cases skip with a reason.
+# Two workers of one thread each: the cases are small, so processes beat intra-op threads.
 test: $(STAMP) lint
-	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -ra
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest tests -q -ra -n 2
 	$(PY) -m pytest bench -q -ra --benchmark-disable-gc --benchmark-min-rounds=1 \
 		--benchmark-max-time=0.05 --benchmark-warmup=off -p no:cacheprovider
 
