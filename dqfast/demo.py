@@ -201,7 +201,8 @@ def run_demo(small: bool = False) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
-def main(ops_only: bool = False) -> int:
+def main(ops_only: bool = False, out_dir: str = "demo_out") -> int:
+    """The ops table, then (unless ``ops_only``) a held-out image through the shipped codecs."""
     import dqfast
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no CUDA device)"
@@ -214,4 +215,9 @@ def main(ops_only: bool = False) -> int:
     print("-" * min(len(line) + 20, 160))
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
-    return 0
+    if ops_only:
+        return 0
+    print()
+    from dqfast.codec import demo as codec_demo
+
+    return codec_demo.main(out_dir=out_dir)

@@ -538,6 +538,9 @@ class DQVAE(nn.Module):
             mid_attn=mid_attn,
             dropout=dropout,
         )
+        # How often each code is used, counted on training data (see count_codes): the codec's static
+        # prior over the codebook. All ones (a uniform prior) until counted.
+        self.register_buffer("code_frequencies", torch.ones(codebook_size, dtype=torch.float32))
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -652,6 +655,17 @@ class DQVAE(nn.Module):
         return loss, logs
 
     @torch.no_grad()
+    def count_codes(self, x: torch.Tensor, budget=None) -> torch.Tensor:
+        """x: (B, 3, R, R) -> (K,) int64: how many times each code is coded in these images.
+
+        Every region's codes count once (a coarse code is one code, not its 4 broadcast copies), as
+        in the codec's stream. ``budget`` as in :meth:`encode`.
+        """
+        tokens = self.encode(x, budget=budget).c2f()
+        coded = torch.cat([codes[positions >= 0] for codes, positions in zip(tokens.codes, tokens.positions)])
+        return torch.bincount(coded.flatten().cpu(), minlength=self.codebook.shape[0])
+
+    @torch.no_grad()
     def calibrate_entropy_thresholds(self, images: torch.Tensor, fractions) -> None:
         """Entropy router only: thresholds at the percentiles of ``images``' region entropies that code
         ``fractions`` of regions (finest grain first) above the coarsest grain."""
@@ -715,6 +729,25 @@ def dqvae_triple_tiny(**overrides) -> DQVAE:
         codebook_size=64,
         num_grains=3,
         budget_target=(0.3, 0.3),
+    )
+    config.update(overrides)
+    return DQVAE(**config)
+
+
+@register("dqvae-small")
+def dqvae_small(**overrides) -> DQVAE:
+    """The shipped CPU-trained dual-grain DQ-VAE (weights in ``dqfast/models/weights``) for 64x64
+    tiles: 8x8 coarse / 16x16 fine grids (strides 8 and 4), 256 x 32 codebook, feature router."""
+    config = dict(
+        resolution=64,
+        ch=16,
+        ch_mult=(1, 2, 2, 4),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        mid_attn=False,
+        z_channels=32,
+        embed_dim=32,
+        codebook_size=256,
     )
     config.update(overrides)
     return DQVAE(**config)
