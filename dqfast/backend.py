@@ -36,6 +36,7 @@ KERNEL_MODULES = {
     "upsample_conv2d": "subpixel_conv",
     "vector_quantize": "vector_quantize",
     "dynamic_quantize": "vector_quantize",
+    "code_statistics": "vector_quantize",
     "c2f_attention": "c2f_attention",
     "c2f_decode_attention": "c2f_attention",
 }

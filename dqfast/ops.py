@@ -26,6 +26,7 @@ __all__ = [
     "upsample_conv2d",
     "vector_quantize",
     "dynamic_quantize",
+    "code_statistics",
     "c2f_attention",
     "c2f_decode_attention",
     "c2f_flatten",
@@ -371,6 +372,22 @@ def dynamic_quantize(
         metric=metric,
         beta=float(beta),
     )
+
+
+def code_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code count and sum of the vectors assigned to it, for EMA codebook training.
+
+    x: (N, D) float; indices: (N,) int in [0, num_codes). Returns counts (num_codes,) and sums
+    (num_codes, D), float32 (float64 for float64 x). Never forms an N x K one-hot; the Triton
+    kernel accumulates with fp32 atomics. Not differentiable.
+    """
+    _tensor(x, "x", ndim=2, floating=True)
+    _tensor(indices, "indices", ndim=1, floating=False)
+    num_codes = _int(num_codes, "num_codes", minimum=1)
+    if indices.shape[0] != x.shape[0]:
+        raise ValueError(f"indices has {indices.shape[0]} entries but x has N = {x.shape[0]} rows")
+    _same_device([("x", x), ("indices", indices)])
+    return _dispatch("code_statistics", _ref_vq.code_statistics, x, indices, num_codes)
 
 
 def c2f_flatten(indices: torch.Tensor, grain: torch.Tensor, *, num_grains: int | None = None) -> C2FTokens:

@@ -864,6 +864,11 @@ def vector_quantize_reasons(z: torch.Tensor, codebook: torch.Tensor, *, metric: 
     return why
 
 
+def code_statistics_reasons(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> list[str]:
+    """Why :func:`code_statistics` cannot serve this call (empty list when it can)."""
+    return _dtype_reasons("x", x)
+
+
 def dynamic_quantize_reasons(
     features: Sequence[torch.Tensor],
     codebook: torch.Tensor,

@@ -336,3 +336,17 @@ def c2f_unflatten(tokens: C2FTokens) -> tuple[torch.Tensor, torch.Tensor]:
         region = rearrange(coded, "b (h sh) (w sw) -> b h w (sh sw)", sh=side, sw=side).any(-1)
         grain = grain + g * region
     return indices, grain
+
+
+def code_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code count and sum of the vectors assigned to it (the EMA codebook statistics).
+
+    x: (N, D) float; indices: (N,) int in [0, num_codes). Returns counts (num_codes,) float32 and
+    sums (num_codes, D) float32 (float64 for float64 x). bincount / index_add: O(N * D) work and
+    memory, no N x K one-hot. Not differentiable.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    counts = torch.bincount(indices, minlength=num_codes).to(acc)
+    sums = torch.zeros(num_codes, x.shape[1], dtype=acc, device=x.device)
+    sums.index_add_(0, indices, x.detach().to(acc))
+    return counts, sums

@@ -219,3 +219,33 @@ def test_bad_input(make, error, match):
     z, codebook, kwargs = make()
     with pytest.raises(error, match=match):
         dqfast.vector_quantize(z, codebook, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# code_statistics: the EMA codebook statistics
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_code_statistics_equals_the_one_hot_formulation(dtype):
+    seed(31)
+    x = torch.randn(57, 6).to(dtype)
+    idx = torch.randint(0, 9, (57,))
+    idx[:5] = 3  # contention on one code
+    counts, sums = dqfast.code_statistics(x, idx, 11)
+    onehot = torch.nn.functional.one_hot(idx, 11).double()
+    torch.testing.assert_close(counts.double(), onehot.sum(0))
+    torch.testing.assert_close(sums.double(), onehot.T @ x.double(), atol=1e-5, rtol=1e-5)
+    assert counts[9:].eq(0).all() and sums[9:].eq(0).all()
+
+
+def test_code_statistics_bad_input():
+    x, idx = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match="indices"):
+        dqfast.code_statistics(x, idx[:3], 5)
+    with pytest.raises(TypeError, match="indices"):
+        dqfast.code_statistics(x, idx.float(), 5)
+    with pytest.raises(ValueError, match="num_codes"):
+        dqfast.code_statistics(x, idx, 0)
+    with pytest.raises(ValueError, match="x"):
+        dqfast.code_statistics(x[0], idx, 5)

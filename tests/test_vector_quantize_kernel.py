@@ -278,3 +278,17 @@ def test_large_shapes(dtype):
     # The chosen distance is never worse than the reference's by more than the fp32 rounding band.
     assert (out.distance - same.distance).max().item() <= 1e-4 * same.distance.abs().max().item()
     assert torch.equal(out.quantized, codebook[out.indices])
+
+
+def test_public_code_statistics_routes_to_the_kernel():
+    torch.manual_seed(3)
+    x = torch.randn(45, 20).to(KERNEL_DEVICE)
+    idx = torch.randint(0, 7, (45,)).to(KERNEL_DEVICE)
+    with dqfast.use_backend("triton"):
+        assert dqfast.explain("code_statistics", x, idx, 7) == []
+        counts, sums = dqfast.code_statistics(x, idx, 7)
+        with pytest.raises(dqfast.BackendUnavailable, match="float64"):
+            dqfast.code_statistics(x.double(), idx, 7)
+    want_counts, want_sums = ref.code_statistics(x.double(), idx, 7)
+    torch.testing.assert_close(counts.double(), want_counts)
+    torch.testing.assert_close(sums.double(), want_sums, atol=1e-5, rtol=1e-5)

@@ -240,20 +240,23 @@ class DynamicQuantizer(nn.Module):
     def _update_codebook(self, maps: Sequence[torch.Tensor], indices: torch.Tensor, grain: torch.Tensor) -> None:
         """EMA of code usage (and of the codebook with ``ema=True``), then dead-code restart.
 
-        Counts and sums come from bincount / index_add over the N coded vectors: O(N * D) memory,
-        no N x K one-hot. Under torch.distributed they are summed over ranks and the restart picks
+        Counts and sums come from :func:`dqfast.code_statistics` over the N coded vectors (fp32
+        atomics in the Triton kernel, bincount / index_add in the reference): O(N * D) memory, no
+        N x K one-hot. Under torch.distributed they are summed over ranks and the restart picks
         come from rank 0, so every rank keeps the same codebook.
         """
+        from dqfast import ops
+
         vectors, codes = self._coded_vectors([m.detach() for m in maps], indices, grain)
         K = self.codebook_size
-        counts = torch.bincount(codes, minlength=K).float()
+        counts, sums = ops.code_statistics(vectors, codes, K)
+        counts, sums = counts.float(), sums.float()
         distributed = dist.is_available() and dist.is_initialized()
         if distributed:
             dist.all_reduce(counts)
         self.usage.mul_(self.decay).add_(counts, alpha=1 - self.decay)
 
         if self.ema:
-            sums = torch.zeros(K, self.dim, device=vectors.device).index_add_(0, codes, vectors)
             if distributed:
                 dist.all_reduce(sums)
             self.code_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
