@@ -233,6 +233,8 @@ def _check_codebook(codebook, d: int, d_name: str) -> None:
     _tensor(codebook, "codebook", ndim=2, floating=True)
     if codebook.shape[0] == 0:
         raise ValueError("codebook must hold at least one code, got shape (0, D)")
+    if d == 0:
+        raise ValueError(f"{d_name} must have a code dimension D >= 1, got D = 0")
     if codebook.shape[1] != d:
         raise ValueError(f"codebook has code dimension {codebook.shape[1]} but {d_name} has D = {d}")
 

@@ -249,3 +249,12 @@ def test_code_statistics_bad_input():
         dqfast.code_statistics(x, idx, 0)
     with pytest.raises(ValueError, match="x"):
         dqfast.code_statistics(x[0], idx, 5)
+
+
+def test_zero_code_dimension_is_refused_clearly():
+    with pytest.raises(ValueError, match="D >= 1"):
+        dqfast.vector_quantize(torch.randn(5, 0), torch.randn(3, 0))
+    with pytest.raises(ValueError, match="D >= 1"):
+        dqfast.dynamic_quantize(
+            [torch.randn(1, 0, 2, 2), torch.randn(1, 0, 4, 4)], torch.randn(3, 0), grain=torch.zeros(1, 2, 2).long()
+        )
