@@ -433,7 +433,9 @@ def _train(args: argparse.Namespace, device: torch.device, rank: int, world: int
         model.enable_all_coefficients()
 
     tokenizer = _load_tokenizer(args.tokenizer, device) if args.kind == "dqtransformer" else None
-    image_size = getattr(tokenizer if tokenizer is not None else model, "image_size", None)
+    # The side the network codes: a DQ-VAE's tile ``resolution`` (its own, or the tokenizer's).
+    sized = tokenizer if tokenizer is not None else model
+    image_size = getattr(sized, "image_size", None) or getattr(sized, "resolution", None)
     crop = args.crop or image_size or DEFAULT_CROP[args.kind]
     with_labels = args.kind == "dqtransformer" and bool(getattr(model, "num_classes", 0))
     dataset = ImageFolder(args.data, crop, train=True, with_labels=with_labels)

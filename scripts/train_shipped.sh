@@ -2,15 +2,18 @@
 # The exact commands that produced the shipped weights in dqfast/models/weights/ (see README.md there).
 #
 # Trains on the TRAIN split of dqfast.sample_data (scikit-image's photographs; the held-out images are
-# never read) with dqfast's own trainer, one CPU thread per run, the three runs side by side, then
-# counts the DQ-VAE's code usage on the training images (the codec's static prior) and copies the
-# weights and a manifest into the package.
+# never read) with dqfast's own trainer, one CPU thread per run, then counts the DQ-VAE's code usage on
+# the training images (the codec's static prior) and copies the weights and a manifest into the package.
 #
-#   scripts/train_shipped.sh [all|cae|dqvae|finalize]   # default all
+#   scripts/train_shipped.sh [all|cae|dqvae|dqtransformer|finalize]   # default all
 #
 # WORK (default /tmp/dqfast-shipped) holds the exported data and the training runs. With one thread
-# per run the training is deterministic on a given CPU, so the CAE and DQ-VAE stages can run apart
-# (the shipped DQ-VAE was trained alone, after the two CAEs had trained side by side).
+# per run the training is deterministic on a given CPU, so the stages can run apart (the shipped
+# DQ-VAE was trained alone, after the two CAEs had trained side by side; the DQ-Transformer alone,
+# later still). The DQ-Transformer learns the codes of the *shipped* dqvae-small (--tokenizer
+# dqvae-small loads the package's weights), so `all` copies the CAEs and the DQ-VAE into the package
+# before training it. `finalize` copies every run found in WORK and keeps the manifest entries of the
+# others, so finalizing one new run leaves the weights already shipped untouched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -29,10 +32,11 @@ fi
 if [[ $STAGE == all || $STAGE == dqvae ]]; then
   "$PY" -m dqfast train dqvae --model dqvae-small --out "$WORK/dqvae-small" --steps 5500 --lr 8e-4 "${COMMON[@]}"
 fi
-[[ $STAGE == all || $STAGE == finalize ]] || exit 0
 
-"$PY" - "$WORK" <<'PYEOF'
-"""Count the DQ-VAE's codes on the training tiles, copy the weights, write the manifest."""
+# Copies the named runs of WORK (all of them when none is named) into the package.
+finalize() {
+  "$PY" - "$WORK" "$@" <<'PYEOF'
+"""Count the DQ-VAE's codes on the training tiles, copy the weights, update the manifest."""
 import json
 import sys
 from pathlib import Path
@@ -47,7 +51,14 @@ from dqfast.sample_data import HELD_OUT, TRAIN, load_sample
 from dqfast.train import load_trained
 
 work = Path(sys.argv[1])
-manifest = {
+names = sys.argv[2:] or [
+    n
+    for n in ("cae-small", "cae-small-hq", "dqvae-small", "dqtransformer-small")
+    if (work / n / "model.safetensors").is_file()
+]
+manifest_path = WEIGHTS_DIR / "manifest.json"
+manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+manifest |= {
     "data": {
         "source": "scikit-image sample photographs (dqfast.sample_data), random 64x64 crops, horizontal flips",
         "train": list(TRAIN),
@@ -56,7 +67,7 @@ manifest = {
     },
     "machine": f"shared 2-core CPU, one thread per run (OMP_NUM_THREADS=1), torch {torch.__version__}",
 }
-for name in ("cae-small", "cae-small-hq", "dqvae-small"):
+for name in names:
     model = load_trained(work / name)
     if name.startswith("dqvae"):
         # The codec's tiling: every training image padded by edge replication to whole R x R tiles.
@@ -75,17 +86,23 @@ for name in ("cae-small", "cae-small-hq", "dqvae-small"):
     config = json.loads((work / name / "config.json").read_text())
     log = [json.loads(line) for line in (work / name / "log.jsonl").read_text().splitlines()]
     keep = ("loss", "bpp", "psnr", "mse", "l1", "ssim", "fine_ratio", "codes_per_image")
+    keep += ("content_ce", "coarse_position_ce", "fine_position_ce")
+    flags = ("steps", "batch_size", "crop", "lr", "grad_clip", "seed")
+    if config["kind"] == "dqtransformer":
+        flags = ("tokenizer",) + flags
     if name.startswith("dqvae"):
         prior = "code_frequencies: code counts of the training tiles at budget 0.5, plus one"
-    else:
+    elif name.startswith("cae"):
         prior = "Gaussian scale mixture of the model"
+    else:
+        prior = "none: a generator, not used by the codec"
     manifest[name] = {
         "codec_prior": prior,
         "kind": config["kind"],
         "preset": config["preset"],
         "script": "scripts/train_shipped.sh",
         "command": f"python -m dqfast train {config['kind']} --model {name} --data TRAIN_DIR " + " ".join(
-            f"--{k.replace('_', '-')} {config['args'][k]}" for k in ("steps", "batch_size", "crop", "lr", "grad_clip", "seed")
+            f"--{k.replace('_', '-')} {config['args'][k]}" for k in flags
         ),
         "train_args": {k: v for k, v in config["args"].items() if k not in ("data", "out")},
         "steps": log[-1]["step"],
@@ -95,6 +112,20 @@ for name in ("cae-small", "cae-small-hq", "dqvae-small"):
         "parameters": sum(p.numel() for p in model.parameters()),
         "weights_bytes": (WEIGHTS_DIR / f"{name}.safetensors").stat().st_size,
     }
-(WEIGHTS_DIR / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-print(json.dumps(manifest, indent=2))
+manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+print(json.dumps({name: manifest[name] for name in names}, indent=2))
 PYEOF
+}
+
+if [[ $STAGE == all ]]; then
+  finalize cae-small cae-small-hq dqvae-small
+fi
+if [[ $STAGE == all || $STAGE == dqtransformer ]]; then
+  "$PY" -m dqfast train dqtransformer --model dqtransformer-small --tokenizer dqvae-small \
+    --out "$WORK/dqtransformer-small" --steps 2500 --lr 1e-3 "${COMMON[@]}"
+fi
+if [[ $STAGE == all ]]; then
+  finalize dqtransformer-small
+elif [[ $STAGE == finalize ]]; then
+  finalize
+fi

@@ -1,7 +1,9 @@
 """Models built on dqfast: ``create(name, pretrained=False, **overrides)`` and ``available()``.
 
-Presets: the compressive autoencoder (``cae``, ``cae-tiny``), DQ-VAE (``dqvae``, ``dqvae-entropy``,
-``dqvae-tiny``, ``dqvae-triple-tiny``) and DQ-Transformer (``dqtransformer``, ``dqtransformer-tiny``).
+Presets: the compressive autoencoder (``cae``, ``cae-tiny``, ``cae-small``, ``cae-small-hq``), DQ-VAE
+(``dqvae``, ``dqvae-entropy``, ``dqvae-tiny``, ``dqvae-triple-tiny``, ``dqvae-small``) and DQ-Transformer
+(``dqtransformer``, ``dqtransformer-tiny``, ``dqtransformer-small``). The ``-small`` presets ship
+trained weights: ``create(name, pretrained=True)``.
 """
 
 from dqfast.models import cae, dqtransformer, dqvae  # noqa: F401  (register their presets)

@@ -572,3 +572,15 @@ def dqtransformer_tiny(**overrides) -> DQTransformer:
     config = dict(codebook_size=64, grid_size=4, width=32, num_heads=2, position_layers=1, content_layers=1)
     config.update(overrides)
     return DQTransformer(**config)
+
+
+@register("dqtransformer-small")
+def dqtransformer_small(**overrides) -> DQTransformer:
+    """The shipped CPU-trained generator (weights in ``dqfast/models/weights``) over ``dqvae-small``
+    codes: 256 codes, 8x8 coarse / 16x16 fine grids, width 64, 4 heads, 2 position + 3 content
+    layers, unconditional."""
+    config = dict(
+        codebook_size=256, grid_size=8, width=64, num_heads=4, position_layers=2, content_layers=3, num_classes=0
+    )
+    config.update(overrides)
+    return DQTransformer(**config)
