@@ -31,8 +31,9 @@ format: $(STAMP)
 
 # Kernel parity runs on the CPU through the Triton interpreter; GPU-only cases skip with a reason.
 # Two workers of one thread each: the cases are small, so processes beat intra-op threads.
+# DQFAST_TEST_FLEX=1 adds FlexAttention (compiled on CPU, ~15 s) as an external oracle of the mask.
 test: $(STAMP) lint
-	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest tests -q -ra -n 2
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 DQFAST_TEST_FLEX=1 $(PY) -m pytest tests -q -ra -n 2
 	$(PY) -m pytest bench -q -ra --benchmark-disable-gc --benchmark-min-rounds=1 \
 		--benchmark-max-time=0.05 --benchmark-warmup=off -p no:cacheprovider
 
