@@ -340,7 +340,9 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("compress", help="compress an image into a dqfast file")
     p.add_argument("input", metavar="IN", help="image file (PNG, JPEG, ... anything Pillow reads)")
     p.add_argument("output", metavar="OUT", help="dqfast file to write")
-    p.add_argument("--model", default="cae", help="model preset (pretrained weights) or training folder (default: cae)")
+    p.add_argument(
+        "--model", default="cae-small", help="model preset (pretrained weights) or training folder (default: cae-small)"
+    )
     rate = p.add_mutually_exclusive_group()
     rate.add_argument(
         "--budget",
