@@ -180,6 +180,31 @@ def test_encode_is_deterministic_in_training_mode():
     assert torch.equal(first.grain, model(x).grain)
 
 
+def test_encode_switches_only_mode_dependent_modules():
+    """With dropout > 0 in training mode, encode still tokenises like eval mode; only the quantizer
+    and the dropout layers are switched (and restored), and nothing at all in eval mode."""
+    seed(6)
+    model = create("dqvae-tiny", dropout=0.5).train()
+    x = images(2)
+    switched = model._mode_dependent()
+    assert model.quantizer in switched
+    assert {type(m) for m in switched} == {type(model.quantizer), torch.nn.Dropout}
+    assert len(switched) < len(list(model.modules())) // 4
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(m.training)) for m in switched]
+    first, second = model.encode(x), model.encode(x)
+    assert seen and not any(seen)  # every mode-dependent module ran in eval mode
+    assert all(m.training for m in model.modules())  # and every module is back in training mode
+    assert torch.equal(first.indices, second.indices)
+    for hook in hooks:
+        hook.remove()
+    model.eval()
+    eval_tokens = model.encode(x)
+    assert torch.equal(first.indices, eval_tokens.indices) and torch.equal(first.grain, eval_tokens.grain)
+    # Nothing is switched in eval mode (the tokens above are from an untouched model).
+    assert not any(m.training for m in model.modules())
+
+
 # ----------------------------------------------------------------------------------------------
 # Entropy router
 # ----------------------------------------------------------------------------------------------

@@ -579,14 +579,32 @@ class DQVAE(nn.Module):
         quantized, indices, grain, n_codes, quant_loss, budget_loss, scores = self._quantize(x, maps, budget)
         return DQVAEOutput(self.decode_latent(quantized), indices, grain, n_codes, quant_loss, budget_loss, scores)
 
+    def _mode_dependent(self) -> list[nn.Module]:
+        """The submodules whose forward depends on the training flag: the quantizer (Gumbel gate,
+        codebook updates) and dropout layers with p > 0. Every other layer of the model (convs,
+        GroupNorm, attention, the sub-pixel convs) computes the same in both modes."""
+        return [
+            m
+            for m in self.modules()
+            if isinstance(m, DynamicQuantizer | nn.modules.batchnorm._BatchNorm)
+            or (isinstance(m, nn.Dropout) and m.p > 0)
+        ]
+
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
-        was_training = self.training
-        self.eval()
+        """Eval behaviour for the duration: nothing to do when the model is already in eval mode;
+        in training mode only the few mode-dependent submodules are switched (and restored)."""
+        if not self.training:
+            yield
+            return
+        switched = [m for m in self._mode_dependent() if m.training]
+        for module in switched:
+            module.training = False
         try:
             yield
         finally:
-            self.train(was_training)
+            for module in switched:
+                module.training = True
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, budget=None) -> DQTokens:
