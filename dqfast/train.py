@@ -47,6 +47,9 @@ ADAM_BETAS = {"cae": (0.9, 0.999), "dqvae": (0.5, 0.9), "dqtransformer": (0.9, 0
 # model's own image size for the others (256 for the paper presets).
 DEFAULT_CROP = {"cae": 128, "dqvae": 256, "dqtransformer": 256}
 
+# --data value naming the TRAIN split of dqfast.sample_data (no files needed).
+SKIMAGE_TRAIN = "skimage:train"
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -61,7 +64,26 @@ LOG_FILE = "log.jsonl"
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``train`` command's arguments to ``parser`` (a sub-command parser)."""
     parser.add_argument("kind", choices=KINDS, help="which model family to train")
-    parser.add_argument("--data", required=True, help="folder of training images (searched recursively)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="folder of training images (searched recursively), or 'skimage:train' for the TRAIN split of "
+        "dqfast.sample_data (scikit-image's photographs, loaded in memory)",
+    )
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        help="dead-leaves images (dqfast.data.dead_leaves, seeded by --seed) mixed into every epoch (default 0)",
+    )
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help="random rescaling and colour augmentation (hue rotation, saturation, channel permutation) of every crop",
+    )
+    parser.add_argument(
+        "--crops-per-image", type=int, default=64, help="with --synthetic/--augment: crops per photo and epoch"
+    )
     parser.add_argument("--model", default=None, help="registered preset name (default: KIND, the paper-sized one)")
     parser.add_argument("--steps", type=int, default=100_000, help="total optimizer steps (resume counts on)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step and per process")
@@ -151,9 +173,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("training a dqtransformer needs --tokenizer (a DQ-VAE checkpoint folder or preset name)")
     if args.budget is not None and not 0.0 <= args.budget <= 1.0:
         raise ValueError(f"--budget must lie in [0, 1], got {args.budget}")
-    data = Path(args.data)
-    if not data.is_dir():
-        raise ValueError(f"--data {args.data!r} is not a folder of images")
+    if args.synthetic < 0:
+        raise ValueError(f"--synthetic must be >= 0, got {args.synthetic}")
+    if args.crops_per_image < 1:
+        raise ValueError(f"--crops-per-image must be >= 1, got {args.crops_per_image}")
+    if args.data != SKIMAGE_TRAIN and not Path(args.data).is_dir():
+        raise ValueError(f"--data {args.data!r} is not a folder of images (nor {SKIMAGE_TRAIN!r})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,7 +429,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace, device: torch.device, rank: int, world: int) -> dict:
-    from dqfast.data import ImageFolder
 
     out = Path(args.out)
     has_checkpoint = (out / STATE_FILE).is_file() and (out / WEIGHTS_FILE).is_file()
@@ -427,9 +451,15 @@ def _train(args: argparse.Namespace, device: torch.device, rank: int, world: int
     model = _build(preset, overrides).to(device)
     if not callable(getattr(model, "training_step", None)):
         raise TypeError(f"preset {preset!r} builds a {type(model).__name__}, which has no training_step(batch)")
-    if args.kind == "cae" and not hasattr(model, "enable_next_coefficient"):
+    if (
+        args.kind == "cae"
+        and not callable(getattr(model, "compress_symbols", None))
+        and not hasattr(model, "enable_next_coefficient")
+    ):
         raise TypeError(f"preset {preset!r} is not a compressive autoencoder (train kind 'cae')")
-    if args.kind == "cae" and not args.incremental and not resuming:
+    if args.incremental and not hasattr(model, "enable_next_coefficient"):
+        raise ValueError(f"preset {preset!r} has no incremental coefficient mask: drop --incremental")
+    if args.kind == "cae" and not args.incremental and not resuming and hasattr(model, "enable_all_coefficients"):
         model.enable_all_coefficients()
 
     tokenizer = _load_tokenizer(args.tokenizer, device) if args.kind == "dqtransformer" else None
@@ -438,7 +468,7 @@ def _train(args: argparse.Namespace, device: torch.device, rank: int, world: int
     image_size = getattr(sized, "image_size", None) or getattr(sized, "resolution", None)
     crop = args.crop or image_size or DEFAULT_CROP[args.kind]
     with_labels = args.kind == "dqtransformer" and bool(getattr(model, "num_classes", 0))
-    dataset = ImageFolder(args.data, crop, train=True, with_labels=with_labels)
+    dataset = _dataset(args, crop, with_labels)
     sampler = _ResumableSampler(dataset, world, rank, args.seed)
     loader_rng = torch.Generator()
     loader = DataLoader(
@@ -550,6 +580,33 @@ def _train(args: argparse.Namespace, device: torch.device, rank: int, world: int
         if log_file is not None:
             log_file.close()
     return last
+
+
+def _dataset(args: argparse.Namespace, crop: int, with_labels: bool):
+    """The training set: a folder (or the scikit-image TRAIN split), optionally mixed and augmented."""
+    from dqfast.data import ImageFolder, TrainingMix, _read_rgb
+
+    if args.synthetic == 0 and not args.augment and args.data != SKIMAGE_TRAIN:
+        return ImageFolder(args.data, crop, train=True, with_labels=with_labels)
+    if with_labels:
+        raise ValueError("class labels need a plain --data folder (no --synthetic, --augment or skimage:train)")
+    if args.data == SKIMAGE_TRAIN:
+        from dqfast.sample_data import TRAIN, load_sample_array
+
+        photos = [load_sample_array(name) for name in TRAIN]
+    else:
+        from dqfast.data import find_images
+
+        photos = [_read_rgb(path) for path in find_images(args.data)]
+    return TrainingMix(
+        photos,
+        crop,
+        crops_per_photo=args.crops_per_image,
+        synthetic_items=args.synthetic,
+        seed=args.seed,
+        scale_range=(0.3, 1.0) if args.augment else (1.0, 1.0),
+        color_prob=0.5 if args.augment else 0.0,
+    )
 
 
 def _tokenize(tokenizer: nn.Module, batch: dict, budget: float | None, use_amp: bool) -> dict:
