@@ -1,11 +1,13 @@
 """dqfast: exact, fast building blocks for dynamic-granularity tokenizers, coarse-to-fine
 generators and learned image codecs.
 
-Every op has a pure-PyTorch reference (:mod:`dqfast.reference`, the spec) and a Triton kernel
-(:mod:`dqfast.kernels`, imported on first use); :mod:`dqfast.backend` chooses between them.
+Every op has a pure-PyTorch reference (:mod:`dqfast.reference`, the spec), a Triton kernel
+(:mod:`dqfast.kernels`, imported on first use for CUDA tensors) and possibly a fast pure-torch
+path (:mod:`dqfast.fast`); :mod:`dqfast.backend` chooses between them (:func:`describe` says which
+serves a call and why).
 """
 
-from dqfast.backend import BackendUnavailable, explain, get_backend, set_backend, use_backend
+from dqfast.backend import BackendUnavailable, describe, explain, get_backend, set_backend, use_backend
 from dqfast.ops import (
     C2FLayout,
     c2f_attention,
@@ -35,6 +37,7 @@ __all__ = [
     "c2f_flatten",
     "c2f_unflatten",
     "code_statistics",
+    "describe",
     "dynamic_quantize",
     "explain",
     "get_backend",

@@ -25,7 +25,7 @@ def test_default_is_auto_and_set_get_roundtrip():
     assert dqfast.get_backend() in backend.BACKENDS
     before = dqfast.get_backend()
     try:
-        for name in ("reference", "triton", "auto"):
+        for name in ("reference", "triton", "fast", "auto"):
             dqfast.set_backend(name)
             assert dqfast.get_backend() == name
     finally:
@@ -33,10 +33,10 @@ def test_default_is_auto_and_set_get_roundtrip():
 
 
 def test_unknown_backend_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="auto.*triton.*reference"):
+    with pytest.raises(ValueError, match="auto.*triton.*fast.*reference"):
         dqfast.set_backend("cuda")
     with pytest.raises(ValueError, match="backend"):
-        with dqfast.use_backend("fast"):
+        with dqfast.use_backend("gpu"):
             pass
 
 
@@ -67,8 +67,41 @@ def test_env_variable_sets_the_default():
     out = _run("import dqfast; print(dqfast.get_backend())", DQFAST_BACKEND="reference")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "reference"
-    bad = _run("import dqfast", DQFAST_BACKEND="gpu")
-    assert bad.returncode != 0 and "backend must be one of" in bad.stderr
+
+
+def test_bad_env_variable_fails_at_the_first_op_not_at_import():
+    code = (
+        "import torch, dqfast\n"
+        "print('imported')\n"
+        "try:\n    dqfast.vector_quantize(torch.randn(3, 2), torch.randn(4, 2))\n"
+        "except ValueError as e:\n    print('ValueError:', e)\n"
+        "dqfast.set_backend('reference')\n"  # an explicit choice overrides the variable
+        "print(dqfast.vector_quantize(torch.randn(3, 2), torch.randn(4, 2)).indices.shape)\n"
+    )
+    out = _run(code, DQFAST_BACKEND="gpu")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "imported"
+    assert lines[1].startswith("ValueError:") and "DQFAST_BACKEND" in lines[1] and "'gpu'" in lines[1]
+    for name in backend.BACKENDS:
+        assert repr(name) in lines[1]
+    assert lines[2] == "torch.Size([3])"
+
+
+def test_first_cpu_op_imports_neither_triton_nor_a_kernel_module():
+    code = (
+        "import sys, torch, dqfast\n"
+        "x = torch.randn(1, 2, 3, 3); w = torch.randn(4, 2, 3, 3)\n"
+        "dqfast.vector_quantize(torch.randn(5, 3), torch.randn(4, 3))\n"
+        "dqfast.subpixel_conv2d(x, w, upscale=2)\n"
+        "print(dqfast.backend.describe('vector_quantize', torch.randn(5, 3), torch.randn(4, 3)))\n"
+        "print(sorted(m for m in sys.modules if m == 'triton' or m.startswith(('triton.', 'dqfast.kernels'))))\n"
+    )
+    out = _run(code, DQFAST_BACKEND="auto")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "[]", lines
+    assert "only for CUDA tensors" in lines[-2]
 
 
 def test_import_works_without_triton():
@@ -85,7 +118,7 @@ def test_import_works_without_triton():
     out = _run(code)
     assert out.returncode == 0, out.stderr
     assert "(1, 1, 6, 6)" in out.stdout
-    assert "triton is not installed" in out.stdout
+    assert "only for CUDA tensors" in out.stdout  # auto refuses CPU tensors before trying triton
     assert "raised: ['triton is not installed']" in out.stdout
 
 
@@ -93,6 +126,7 @@ def test_explain_under_reference_backend():
     z, cb = torch.randn(5, 3), torch.randn(4, 3)
     with dqfast.use_backend("reference"):
         assert dqfast.explain("vector_quantize", z, cb) == ['backend is "reference"']
+        assert backend.describe("vector_quantize", z, cb) == ("reference", {})
 
 
 def test_explain_unknown_op():
@@ -141,7 +175,8 @@ def test_missing_kernel_module_is_a_reason_not_a_crash(monkeypatch):
     try:
         monkeypatch.setattr(backend, "interpreting", lambda: True)
         z, cb = torch.randn(5, 3), torch.randn(4, 3)
-        why = backend.reasons("vector_quantize", z, cb)
+        with dqfast.use_backend("triton"):
+            why = backend.reasons("vector_quantize", z, cb)
         if HAS_TRITON:
             assert any("no Triton kernel for vector_quantize" in r for r in why), why
         else:
@@ -204,3 +239,90 @@ def test_demo_prints_a_row_per_op():
     for r in rows:
         if r[3] not in ("0", "-"):
             assert float(r[3]) < 1e-3, r
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast path: wiring, tested with a stand-in dqfast.fast so it holds whatever that package has.
+# ----------------------------------------------------------------------------------------------
+
+
+class _FakeFast:
+    """Stands in for dqfast.fast: serves vector_quantize unless z has more than 100 rows."""
+
+    def __init__(self):
+        self.calls = []
+
+    def get(self, op):
+        if op != "vector_quantize":
+            return None
+
+        def fn(z, codebook, *, metric="l2"):
+            self.calls.append(op)
+            from dqfast.reference.vector_quantize import vector_quantize
+
+            return vector_quantize(z, codebook, metric=metric)
+
+        return fn
+
+    def reasons(self, op, *args, **kwargs):
+        return ["too many rows"] if args[0].shape[0] > 100 else []
+
+
+@pytest.fixture
+def fake_fast(monkeypatch):
+    fake = _FakeFast()
+    monkeypatch.setattr(backend, "_fast_module", lambda: fake)
+    return fake
+
+
+def test_auto_sends_cpu_calls_to_the_fast_path_when_it_serves_them(fake_fast):
+    z, cb = torch.randn(5, 3), torch.randn(4, 3)
+    with dqfast.use_backend("auto"):
+        route = backend.describe("vector_quantize", z, cb)
+        assert route.path == "fast"
+        assert any("only for CUDA tensors" in r for r in route.reasons["triton"])
+        assert str(route).startswith("fast (not triton: tensors are on ['cpu']")
+        dqfast.vector_quantize(z, cb)
+        assert fake_fast.calls == ["vector_quantize"]
+        # a call the fast path refuses goes to the reference, with both sets of reasons
+        big = torch.randn(101, 3)
+        route = backend.describe("vector_quantize", big, cb)
+        assert route.path == "reference" and route.reasons["fast"] == ["too many rows"]
+        dqfast.vector_quantize(big, cb)
+        assert fake_fast.calls == ["vector_quantize"]
+        # an op without a fast path
+        x, w = torch.randn(1, 2, 3, 3), torch.randn(4, 2, 3, 3)
+        route = backend.describe("subpixel_conv2d", x, w, upscale=2)
+        assert route.path == "reference" and route.reasons["fast"] == ["no fast path for subpixel_conv2d"]
+
+
+def test_explicit_fast_never_falls_back(fake_fast):
+    z, cb = torch.randn(5, 3), torch.randn(4, 3)
+    with dqfast.use_backend("fast"):
+        assert backend.describe("vector_quantize", z, cb) == ("fast", {})
+        assert dqfast.explain("vector_quantize", z, cb) == ['backend is "fast"']
+        dqfast.vector_quantize(z, cb)
+        assert fake_fast.calls == ["vector_quantize"]
+        with pytest.raises(dqfast.BackendUnavailable, match="fast backend.*too many rows") as info:
+            dqfast.vector_quantize(torch.randn(101, 3), cb)
+        assert info.value.backend == "fast" and info.value.reasons == ["too many rows"]
+        with pytest.raises(dqfast.BackendUnavailable, match="no fast path for subpixel_conv2d"):
+            dqfast.subpixel_conv2d(torch.randn(1, 2, 3, 3), torch.randn(4, 2, 3, 3), upscale=2)
+
+
+def test_missing_fast_package_is_a_reason(monkeypatch):
+    monkeypatch.setattr(backend, "_fast_module", lambda: None)
+    z, cb = torch.randn(5, 3), torch.randn(4, 3)
+    with dqfast.use_backend("auto"):
+        route = backend.describe("vector_quantize", z, cb)
+        assert route.path == "reference"
+        assert route.reasons["fast"] == ["no fast path (dqfast.fast) in this version of dqfast"]
+        assert dqfast.vector_quantize(z, cb).indices.shape == (5,)
+    with dqfast.use_backend("fast"), pytest.raises(dqfast.BackendUnavailable, match="no fast path"):
+        dqfast.vector_quantize(z, cb)
+
+
+def test_fast_module_absent_or_present_is_tolerated():
+    # Whatever this checkout holds, the lookup answers without raising.
+    module = backend._fast_module()
+    assert module is None or callable(module.get)
