@@ -8,3 +8,7 @@ return type as the reference, differentiable through an ``autograd.Function``) a
 ``<op>_reasons(...)`` function returning why the kernel cannot serve a call (empty if it can).
 Kernel modules never import :mod:`dqfast.reference`.
 """
+
+from ._compat import patch_interpreter_index
+
+patch_interpreter_index()
