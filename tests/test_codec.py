@@ -177,10 +177,38 @@ def test_rows_reject_invalid_streams():
     tables = IntegerTables.from_pmf(np.ones((2, 10)), 0)
     values = np.random.default_rng(2).integers(0, 10, size=(2, 50))
     words = encode_rows(values, tables)
-    with pytest.raises(CodecError, match="invalid entropy-coded stream"):
+    with pytest.raises(CodecError, match="cannot hold 2 x 50 symbols"):
         decode_rows(np.array([0], np.uint32), tables, 50)
-    with pytest.raises(CodecError, match="more data than the header announces"):
+    with pytest.raises(CodecError, match="more data than the header announces|end mark"):
         decode_rows(words, tables, 49)
+    # Long enough to pass the length check, but every word is garbage.
+    with pytest.raises(CodecError, match="invalid entropy-coded stream|end mark|more data"):
+        decode_rows(np.full(words.size, 0x9E3779B9, np.uint32), tables, 50)
+
+
+def test_exhausted_stream_is_an_error_not_zeros():
+    # Value 0 has cumulative count 0: coded on an empty ANS coder it costs nothing, so an exhausted
+    # stream decodes as zeros unless the end mark is checked.
+    tables = IntegerTables.from_pmf(np.array([[1000.0, 1.0, 1.0]]), 0)
+    zeros = np.zeros((1, 40), np.int64)
+    words = encode_rows(zeros, tables)
+    assert (decode_rows(words, tables, 40) == 0).all()
+    with pytest.raises(CodecError, match="end mark"):
+        decode_rows(np.zeros(0, np.uint32), tables, 40)
+    for cut in range(1, words.size):
+        with pytest.raises(CodecError):
+            decode_rows(words[:cut], tables, 40)
+    with pytest.raises(CodecError):
+        decode_rows(words, tables, 41)
+
+
+def test_symbol_range_check():
+    from dqfast.codec.entropy import check_symbol_range
+
+    check_symbol_range(torch.tensor([-3.2, 2.0**31 - 2], dtype=torch.float64))
+    for bad in (1e10, -1e10, 1e308, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="rate setting"):
+            check_symbol_range(torch.tensor([0.0, bad], dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ def _umask() -> int:
 
 def test_subprocess_error_has_no_traceback(work, tmp_path):
     bad = tmp_path / "bad.dqf"
-    bad.write_bytes(b"\x89DQF\x01")
+    bad.write_bytes(b"\x89DQF\x02")
     proc = subprocess.run(
         [sys.executable, "-m", "dqfast", "info", str(bad)],
         capture_output=True,

@@ -22,10 +22,13 @@ The whole file counts towards the bit rate: ``bpp = len(file) * 8 / (H * W)``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import math
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,12 +47,43 @@ __all__ = [
     "check_model",
     "check_image",
     "check_source_channels",
+    "check_header",
+    "DEFAULT_MAX_PIXELS",
+    "pixel_limit",
+    "max_pixels",
 ]
 
 MAGIC = b"\x89DQF"
-FORMAT_VERSION = 1
+# 2: every entropy-coded stream ends with an end mark (dqfast.codec.entropy.END_MARK).
+FORMAT_VERSION = 2
 _KIND_CODES = {"cae": 1, "dqvae": 2}
 _KIND_NAMES = {v: k for k, v in _KIND_CODES.items()}
+
+# Largest image a file may claim before anything is allocated for it: 2**28 pixels (268 megapixels,
+# over five times a 50-megapixel photo; 16384 x 16384). A file claiming more is refused from its
+# header; raise the limit with :func:`pixel_limit` (the CLI's ``--max-pixels``).
+DEFAULT_MAX_PIXELS = 1 << 28
+# The codecs pad to whole network tiles (CAE: 8 pixels, at least 16; DQ-VAE: the tile side).
+_MAX_PADDING = 1024
+_MAX_LATENT_DIMS = 8
+_PIXEL_LIMIT: contextvars.ContextVar[int] = contextvars.ContextVar("dqfast_max_pixels", default=DEFAULT_MAX_PIXELS)
+
+
+def max_pixels() -> int:
+    """The pixel limit in force (see :func:`pixel_limit`)."""
+    return _PIXEL_LIMIT.get()
+
+
+@contextlib.contextmanager
+def pixel_limit(limit: int) -> Iterator[None]:
+    """Within the block, :func:`unpack` refuses files claiming more than ``limit`` pixels (H * W)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"the pixel limit must be a positive integer, got {limit!r}")
+    token = _PIXEL_LIMIT.set(limit)
+    try:
+        yield
+    finally:
+        _PIXEL_LIMIT.reset(token)
 
 
 class CodecError(ValueError):
@@ -187,8 +221,46 @@ class _Reader:
         return self.take(f"{n}s")[0]
 
 
-def unpack(data: bytes) -> tuple[Header, list[np.ndarray]]:
-    """Parse a file made by :func:`pack`; raise :class:`CodecError` with a one-line reason on bad input."""
+def check_header(header: Header, limit: int | None = None) -> Header:
+    """Raise :class:`CodecError` unless every field of ``header`` is one an encoder can write.
+
+    Checked before anything is allocated for the image: sides >= 1 and H * W <= ``limit`` (default
+    :func:`max_pixels`), channels 1 or 3, a padded size at least the image and at most
+    ``_MAX_PADDING`` more, a latent shape of positive entries no larger than the padded image,
+    and a rate setting the codec makes (CAE: a positive finite quality; DQ-VAE: NaN or a budget in
+    [0, 1]).
+    """
+    limit = max_pixels() if limit is None else limit
+    H, W = header.image_size
+    if H < 1 or W < 1:
+        raise CodecError(f"corrupted file: the image size {W}x{H} has a zero side")
+    if H * W > limit:
+        raise CodecError(
+            f"the file claims a {W}x{H} image ({H * W} pixels), over the limit of {limit} pixels "
+            "(raise it with --max-pixels if the file is trusted)"
+        )
+    if header.channels not in (1, 3):
+        raise CodecError(f"corrupted file: {header.channels} source channels (expected 1 or 3)")
+    Hp, Wp = header.padded_size
+    if not (H <= Hp <= H + _MAX_PADDING and W <= Wp <= W + _MAX_PADDING):
+        raise CodecError(f"corrupted file: padded size {Wp}x{Hp} does not fit a {W}x{H} image")
+    shape = header.latent_shape
+    if not 1 <= len(shape) <= _MAX_LATENT_DIMS or min(shape) < 1 or math.prod(shape) > 1024 * Hp * Wp:
+        raise CodecError(f"corrupted file: latent shape {shape} does not fit a {W}x{H} image")
+    s = header.setting
+    if header.kind == "cae" and not (math.isfinite(s) and s > 0):
+        raise CodecError(f"corrupted file: quality {s} is not a positive number")
+    if header.kind == "dqvae" and not (math.isnan(s) or 0.0 <= s <= 1.0):
+        raise CodecError(f"corrupted file: budget {s} is not a fraction in [0, 1]")
+    return header
+
+
+def unpack(data: bytes, *, limit: int | None = None) -> tuple[Header, list[np.ndarray]]:
+    """Parse a file made by :func:`pack`; raise :class:`CodecError` with a one-line reason on bad input.
+
+    Every header field is validated (:func:`check_header`, ``limit`` pixels at most) before the
+    streams are copied out.
+    """
     data = bytes(data)
     if not data:
         raise CodecError("empty file: not a dqfast bitstream")
@@ -230,11 +302,6 @@ def unpack(data: bytes) -> tuple[Header, list[np.ndarray]]:
         model_name = name_bytes.decode("utf-8")
     except UnicodeDecodeError:
         raise CodecError("corrupted file: the model name is not utf-8") from None
-    streams = []
-    for n in lengths:
-        if n % 4:
-            raise CodecError(f"corrupted file: a stream of {n} bytes is not whole 32-bit words")
-        streams.append(np.frombuffer(r.raw(n), dtype="<u4").astype(np.uint32))
     header = Header(
         kind=_KIND_NAMES[kind_code],
         model_name=model_name,
@@ -247,4 +314,10 @@ def unpack(data: bytes) -> tuple[Header, list[np.ndarray]]:
         setting=setting,
         params=tuple(params),
     )
+    check_header(header, limit)
+    streams = []
+    for n in lengths:
+        if n % 4:
+            raise CodecError(f"corrupted file: a stream of {n} bytes is not whole 32-bit words")
+        streams.append(np.frombuffer(r.raw(n), dtype="<u4").astype(np.uint32))
     return header, streams

@@ -10,6 +10,10 @@ machine and the decoder rebuilds exactly the encoder's model.
 range is coded as the escape, followed by its raw 32 bits (two uniform 16-bit symbols), so coding is
 lossless for any int32 value while the table stays small.
 
+Every stream ends with a 16-bit end mark (:data:`END_MARK`): a stream that runs dry before the
+symbols the header announces is an error, never zeros. Before decoding, a stream shorter than the
+least its announced symbols can take (each at its row's most likely value) is refused.
+
 Streams are constriction ANS stacks (``AnsCoder``): every row of symbols is coded by one vectorised
 ``encode_reverse`` call with a concrete categorical model, so Python loops only over table rows
 (channels), never over symbols.
@@ -25,13 +29,60 @@ import numpy as np
 
 from dqfast.codec.container import CodecError
 
-__all__ = ["TOTAL", "IntegerTables", "quantize_pmf", "encode_rows", "decode_rows", "information_bits"]
+__all__ = [
+    "TOTAL",
+    "IntegerTables",
+    "quantize_pmf",
+    "encode_rows",
+    "decode_rows",
+    "information_bits",
+    "check_symbol_range",
+    "SYMBOL_MIN",
+    "SYMBOL_MAX",
+]
 
 TOTAL_BITS = 16
 TOTAL = 1 << TOTAL_BITS
 
 # Escaped values travel as two 16-bit halves of their two's-complement int32 pattern.
 _HALF = 1 << 16
+# The symbols a stream can carry: int32.
+SYMBOL_MIN, SYMBOL_MAX = -(1 << 31), (1 << 31) - 1
+# An ANS stream may be this many bits shorter than the information content of its symbols
+# (the coder's state holds up to 64 bits; rounding in the state update is far below 1 %).
+_SLACK_BITS = 64
+# The last symbols of every stream, three uniform 16-bit values. constriction decodes an exhausted
+# stream as endless zeros (a symbol of cumulative count 0 coded on a coder whose state is below its
+# count leaves the state unchanged), so without a mark a stream cut short, or empty, would decode
+# "successfully". Pushed first, the mark also lifts the state above 2**32, where every symbol
+# changes it: an extra or missing symbol then garbles the mark.
+END_MARK = (0xD9F5, 0x6A3C, 0xB1E7)
+
+
+def check_symbol_range(values, *, what: str = "latents", lo: int = SYMBOL_MIN, hi: int = SYMBOL_MAX) -> None:
+    """Raise ValueError unless every value of ``values`` is finite and rounds into ``lo..hi``.
+
+    Call it on the unrounded (float) values *before* converting them to integers: a float beyond
+    int32 wraps or saturates silently in the conversion, and the file would decode to garbage.
+    ``values``: a torch tensor or anything numpy reads. ``what`` names the values in the message.
+    """
+    try:
+        import torch
+
+        if isinstance(values, torch.Tensor):
+            values = values.detach().to("cpu", torch.float64).numpy()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        return
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} are not finite (NaN or infinity): the rate setting is out of range")
+    low, high = np.round(array.min()), np.round(array.max())
+    if low < lo or high > hi:
+        raise ValueError(
+            f"{what} span {low:.4g}..{high:.4g}, beyond the codable range {lo}..{hi}: the rate setting is too high"
+        )
 
 
 def quantize_pmf(pmf: np.ndarray, total: int = TOTAL) -> np.ndarray:
@@ -131,7 +182,9 @@ def encode_rows(values: np.ndarray, tables: IntegerTables) -> np.ndarray:
     symbols = np.where(outside, escape, values - tables.lo).astype(np.int32)
 
     coder = constriction.stream.stack.AnsCoder()
-    # ANS is a stack: push what the decoder reads last first. Decoding order: rows 0..R-1, escapes.
+    # ANS is a stack: push what the decoder reads last first. Decoding order: rows 0..R-1, escapes,
+    # end mark.
+    coder.encode_reverse(np.array(END_MARK, dtype=np.int32), constriction.stream.model.Uniform(_HALF))
     escaped = values[outside].astype(np.int32).view(np.uint32)
     if escaped.size:
         halves = np.stack([escaped & (_HALF - 1), escaped >> 16], axis=1).reshape(-1).astype(np.int32)
@@ -143,17 +196,36 @@ def encode_rows(values: np.ndarray, tables: IntegerTables) -> np.ndarray:
     return coder.get_compressed()
 
 
+def minimum_bits(tables: IntegerTables, n: int) -> float:
+    """The fewest bits any stream of ``n`` symbols per row can take: each at its row's most likely symbol."""
+    top = tables.counts.max(axis=1).astype(np.float64)
+    return float(n * -np.log2(top / TOTAL).sum())
+
+
 def decode_rows(words: np.ndarray, tables: IntegerTables, n: int) -> np.ndarray:
     """Inverse of :func:`encode_rows`: returns (R, n) int64.
 
     Raises :class:`~dqfast.codec.container.CodecError` when the words are not a valid stream for
-    ``n`` symbols per row (constriction rejects them, or words are left over).
+    ``n`` symbols per row: shorter than the least those symbols can take (checked before anything
+    is decoded or allocated), exhausted before the last symbol, rejected by constriction, or with
+    words left over.
     """
+    words = np.ascontiguousarray(words, dtype=np.uint32)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    # 0.9: the coder's integer state update can round a symbol's cost slightly below its information.
+    need = minimum_bits(tables, n)
+    if 32 * words.size + _SLACK_BITS < 0.9 * need:
+        raise CodecError(
+            f"corrupted file: a stream of {4 * words.size} bytes cannot hold {tables.rows} x {n} symbols "
+            f"(they need at least {need / 8:.0f} bytes)"
+        )
     try:
-        coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
+        coder = constriction.stream.stack.AnsCoder(words)
         out = np.empty((tables.rows, n), dtype=np.int64)
         if n:
-            for r, model in enumerate(_models(tables)):
+            models = _models(tables)
+            for r, model in enumerate(models):
                 out[r] = coder.decode(model, n)
         escape = tables.counts.shape[1] - 1
         outside = out == escape
@@ -162,9 +234,12 @@ def decode_rows(words: np.ndarray, tables: IntegerTables, n: int) -> np.ndarray:
         if n_escaped:
             halves = coder.decode(constriction.stream.model.Uniform(_HALF), 2 * n_escaped).astype(np.uint32)
             out[outside] = (halves[0::2] | (halves[1::2] << 16)).astype(np.uint32).view(np.int32)
+        guard = tuple(int(v) for v in coder.decode(constriction.stream.model.Uniform(_HALF), len(END_MARK)))
         leftover = not coder.is_empty()
     except (ValueError, KeyError) as e:
         raise CodecError(f"corrupted file: invalid entropy-coded stream ({e})") from None
+    if guard != END_MARK:
+        raise CodecError("corrupted file: the entropy-coded stream ends early or is damaged (no end mark)")
     if leftover:
         raise CodecError("corrupted file: the entropy-coded stream holds more data than the header announces")
     return out
