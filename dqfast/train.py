@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--lr", type=float, default=None, help="learning rate (default: 1e-4 cae; 4.5e-6 x global batch otherwise)"
     )
     parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    parser.add_argument(
+        "--lr-drop", type=int, default=0, help="multiply the learning rate by 0.1 once this step is reached (0: never)"
+    )
     parser.add_argument("--out", default="runs/train", help="output folder for checkpoints and logs")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out, if any")
     parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
@@ -544,6 +547,10 @@ def _train(args: argparse.Namespace, device: torch.device, rank: int, world: int
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 optimizer.step()
                 step += 1
+                if args.lr_drop and step >= args.lr_drop and not lr_dropped:
+                    for group in optimizer.param_groups:
+                        group["lr"] *= 0.1
+                    lr_dropped = True
                 epoch_batches += 1
                 window.append(logs)
 

@@ -6,7 +6,7 @@ Presets: the compressive autoencoder (``cae``, ``cae-tiny``, ``cae-small``, ``ca
 trained weights: ``create(name, pretrained=True)``.
 """
 
-from dqfast.models import cae, dqtransformer, dqvae  # noqa: F401  (register their presets)
+from dqfast.models import cae, cae_hyper, dqtransformer, dqvae  # noqa: F401  (register their presets)
 from dqfast.models.cae import CompressiveAutoencoder
 from dqfast.models.dqtransformer import DQTransformer
 from dqfast.models.dqvae import DQVAE, DQTokens
