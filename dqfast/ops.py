@@ -2,8 +2,14 @@
 
 Every function here checks its inputs and raises a ``ValueError`` / ``TypeError`` naming the
 argument and what was expected, so bad input never reaches a kernel (no Triton compile errors,
-no silent wrong answers). Dispatch follows :mod:`dqfast.backend`; the reference and the kernel
-are called with exactly the arguments of the public signature.
+no silent wrong answers). Dispatch follows :mod:`dqfast.backend`; the reference, the fast path
+and the kernel are called with exactly the arguments of the public signature.
+
+Checks of tensor *values* (index ranges, one-hot gates, grains, layout lengths) need the data on
+the host. They run eagerly; under ``torch.compile`` (``torch.compiler.is_compiling()``) they are
+skipped so that a compiled graph does not break, and the values are then the caller's duty.
+Shape, dtype and device checks always run. Empty spatial sizes (B, H or W = 0) of the conv ops
+are answered here, for every backend, with the empty output.
 """
 
 from __future__ import annotations
@@ -89,6 +95,11 @@ def _scale(scale) -> None:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 
+def _check_values() -> bool:
+    """Whether checks that read tensor values run: always, except while torch.compile traces."""
+    return not torch.compiler.is_compiling()
+
+
 def _autocast(*tensors):
     """Cast floating tensors to the autocast dtype when autocast is on for their device.
 
@@ -154,6 +165,10 @@ def subpixel_conv2d(
     _choice(activation, "activation", _ref_spc.ACTIVATIONS)
     if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
         raise TypeError(f"negative_slope must be a number, got {type(negative_slope).__name__}")
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        return _ref_spc.subpixel_conv2d(
+            x, weight, bias, upscale=upscale, padding_mode=padding_mode, activation=activation
+        )
     pad = kh // 2
     if padding_mode == "reflect" and pad >= min(x.shape[2], x.shape[3]):
         raise ValueError(f"padding_mode='reflect' needs H and W > k // 2 = {pad}, got x of shape {tuple(x.shape)}")
@@ -211,6 +226,8 @@ def upsample_conv2d(
     _choice(activation, "activation", _ref_spc.ACTIVATIONS)
     if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
         raise TypeError(f"negative_slope must be a number, got {type(negative_slope).__name__}")
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        return _ref_spc.upsample_conv2d(x, weight, bias, scale=scale, padding_mode=padding_mode)
     return _dispatch(
         "upsample_conv2d",
         _ref_spc.upsample_conv2d,
@@ -245,6 +262,10 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l
     indices (...) int64, argmin over codes (ties to the lowest index); distance (...) float32 to
     the chosen code (squared L2, or 1 - cos for ``metric="cosine"``, where quantized is the
     normalised code); quantized (..., D) carries the straight-through gradient to z.
+
+    Non-finite input: a NaN distance compares as +inf, so a NaN codebook row is never chosen
+    while a finite distance exists; a vector with no finite distance gets index 0, quantized =
+    code 0 and the distance computed for it (NaN or inf). Same in every backend.
     """
     _tensor(z, "z", floating=True)
     if z.dim() < 1:
@@ -313,9 +334,12 @@ def dynamic_quantize(
     features: G maps, coarsest first, ``features[g]`` (B, D, H * 2**g, W * 2**g); the regions are
     the (H, W) cells of the coarsest grid and a region at grain g uses 4**g codes. The grain of
     each region comes from exactly one of ``grain`` (B, H, W) int, ``gate`` (B, H, W, G) one-hot
-    (straight-through router training) or ``router_logits`` (B, H, W, G) (argmax, or the exact
-    per-image ``budget``). Returns DynamicVQOutput(quantized (B, D, Hf, Wf), indices (B, Hf, Wf),
-    grain (B, H, W), loss, n_codes (B,)), Hf = H * 2**(G - 1).
+    (straight-through router training; a gate that is not one-hot is refused) or
+    ``router_logits`` (B, H, W, G) (argmax, or the exact per-image ``budget``). Returns
+    DynamicVQOutput(quantized (B, D, Hf, Wf), indices (B, Hf, Wf), grain (B, H, W), loss,
+    n_codes (B,)), Hf = H * 2**(G - 1). Under ``torch.compile`` pass ``budget`` as a Python
+    number or sequence (a tensor budget is read back to the host); grain and gate values are not
+    checked there.
     """
     if isinstance(features, torch.Tensor) or not isinstance(features, Sequence) or len(features) == 0:
         raise TypeError("features must be a non-empty list or tuple of (B, D, H * 2**g, W * 2**g) tensors")
@@ -346,7 +370,7 @@ def dynamic_quantize(
         if tuple(grain.shape) != (B, H, W):
             raise ValueError(f"grain must have shape {(B, H, W)}, got {tuple(grain.shape)}")
         _same_device(pairs + [("grain", grain)])
-        if grain.numel() and (int(grain.min()) < 0 or int(grain.max()) >= G):
+        if grain.numel() and _check_values() and (int(grain.min()) < 0 or int(grain.max()) >= G):
             raise ValueError(f"grain values must lie in [0, {G}) for {G} feature maps")
     for name, t in (("gate", gate), ("router_logits", router_logits)):
         if t is None:
@@ -355,6 +379,14 @@ def dynamic_quantize(
         if tuple(t.shape) != (B, H, W, G):
             raise ValueError(f"{name} must have shape {(B, H, W, G)}, got {tuple(t.shape)}")
         pairs.append((name, t))
+    if gate is not None and gate.numel() and _check_values():
+        one_hot = ((gate == 0) | (gate == 1)).all(-1) & (gate.sum(-1) == 1)
+        if not bool(one_hot.all()):
+            b, h, w = (~one_hot).nonzero()[0].tolist()
+            raise ValueError(
+                f"gate must be one-hot along its last dim (one 1.0, the rest 0.0), got gate[{b}, {h}, {w}] = "
+                f"{gate[b, h, w].tolist()}; use a hard (straight-through) Gumbel-softmax"
+            )
     _same_dtype([p for p in pairs if p[0] != "router_logits"])
     _same_device(pairs)
     if budget is not None:
@@ -379,16 +411,23 @@ def dynamic_quantize(
 def code_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-code count and sum of the vectors assigned to it, for EMA codebook training.
 
-    x: (N, D) float; indices: (N,) int in [0, num_codes). Returns counts (num_codes,) and sums
-    (num_codes, D), float32 (float64 for float64 x). Never forms an N x K one-hot; the Triton
-    kernel accumulates with fp32 atomics. Not differentiable.
+    x: (N, D) float; indices: (N,) int32 or int64 in [0, num_codes) (checked, except under
+    torch.compile). Returns counts (num_codes,) and sums (num_codes, D), float32 (float64 for
+    float64 x). Never forms an N x K one-hot; the Triton kernel accumulates with fp32 atomics.
+    Not differentiable.
     """
     _tensor(x, "x", ndim=2, floating=True)
-    _tensor(indices, "indices", ndim=1, floating=False)
+    _tensor(indices, "indices", ndim=1)
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be an int32 or int64 tensor, got {indices.dtype}")
     num_codes = _int(num_codes, "num_codes", minimum=1)
     if indices.shape[0] != x.shape[0]:
         raise ValueError(f"indices has {indices.shape[0]} entries but x has N = {x.shape[0]} rows")
     _same_device([("x", x), ("indices", indices)])
+    if indices.numel() and _check_values():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= num_codes:
+            raise ValueError(f"indices must lie in [0, num_codes = {num_codes}), got values in [{low}, {high}]")
     return _dispatch("code_statistics", _ref_vq.code_statistics, x, indices, num_codes)
 
 
@@ -414,7 +453,7 @@ def c2f_flatten(indices: torch.Tensor, grain: torch.Tensor, *, num_grains: int |
     elif _int(num_grains, "num_grains", minimum=1) != inferred:
         raise ValueError(f"num_grains={num_grains} does not match the indices grid (which implies {inferred})")
     _same_device([("indices", indices), ("grain", grain)])
-    if grain.numel() and (int(grain.min()) < 0 or int(grain.max()) >= num_grains):
+    if grain.numel() and _check_values() and (int(grain.min()) < 0 or int(grain.max()) >= num_grains):
         raise ValueError(f"grain values must lie in [0, {num_grains})")
     return _ref_vq.c2f_flatten(indices, grain, num_grains=num_grains)
 
@@ -460,7 +499,9 @@ def c2f_attention(
 
     Key j is valid for sample b iff its offset inside its segment is < ``layout.lengths[b, seg]``;
     query i attends to valid keys j <= i (mode "causal") or with seg(j) <= seg(i) (mode "block").
-    Pad queries return 0. ``scale`` defaults to Dh ** -0.5.
+    Pad queries return 0. ``scale`` defaults to Dh ** -0.5. Values at pad positions (NaN and inf
+    included) reach no output or gradient: pad queries get 0 and a zero gradient, pad keys zero
+    dk and dv, in every backend.
     """
     _check_qkv(q, k, v)
     q, k, v = _autocast(q, k, v)
@@ -493,7 +534,8 @@ def c2f_decode_attention(
     """Few-query attention over a KV cache, O(Lk) per step.
 
     q: (B, Hh, Lq, Dh); k_cache, v_cache: (B, Hh, Lk, Dh); key_valid: (B, Lk) bool. Every query
-    attends to every valid cached key; a query with no valid key returns 0.
+    attends to every valid cached key; a query with no valid key returns 0. Cache slots not
+    marked valid are never read (NaN or inf there reaches no output or gradient).
     """
     _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
     q, k_cache, v_cache = _autocast(q, k_cache, v_cache)

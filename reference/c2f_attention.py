@@ -14,6 +14,10 @@ Definitions (the spec every backend follows):
   whole segment at a time, VAR-style scale-causal).
 - ``c2f_attention``: softmax over the allowed keys of ``scale * q . k``, times v; pad queries
   (invalid i) return exactly 0.
+- Pad slots are inert: the q, k and v held at invalid positions (pad queries, invalid keys, cache
+  slots not marked valid) never reach any output or gradient, even when they are NaN or inf.
+  Real queries are computed as if the pad k and v were 0; pad queries output exactly 0 and
+  receive a zero gradient; invalid keys receive zero dk and dv.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ class C2FLayout:
     Position j of sample b is valid iff ``j - start(seg(j)) < lengths[b, seg(j)]``; query i may
     attend to key j iff both are valid and the mode's order holds. :meth:`dense_mask` and
     :attr:`mask_mod` are two views of that one definition.
+
+    The values of ``lengths`` are checked eagerly (one host sync); under ``torch.compile``
+    (``torch.compiler.is_compiling()``) that check is skipped so the graph does not break.
     """
 
     def __init__(self, segment_sizes: Sequence[int], lengths: torch.Tensor, mode: str = "causal"):
@@ -70,7 +77,9 @@ class C2FLayout:
                 f"lengths must have shape (B, S) = (B, {len(sizes)}) for {len(sizes)} segments, "
                 f"got {tuple(lengths.shape)}"
             )
-        if lengths.numel():
+        # Value checks need the data on the host; under torch.compile they are skipped so a layout
+        # built inside a compiled region does not break the graph (values are the caller's duty there).
+        if lengths.numel() and not torch.compiler.is_compiling():
             capacity = torch.tensor(sizes, device=lengths.device)
             if bool((lengths < 0).any()):
                 raise ValueError(f"lengths must be >= 0, got a minimum of {int(lengths.min())}")
@@ -202,14 +211,30 @@ class C2FLayout:
 
 
 def _masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float | None,
+    query_valid: torch.Tensor | None,
+    key_valid: torch.Tensor,
 ) -> torch.Tensor:
     """softmax over allowed keys of ``scale * q . k`` times v; rows with no allowed key give 0.
 
-    q: (B, Hh, Lq, Dh); k, v: (B, Hh, Lk, Dh); allowed: bool, broadcastable to (B, Hh, Lq, Lk).
+    q: (B, Hh, Lq, Dh); k, v: (B, Hh, Lk, Dh); allowed: bool, broadcastable to (B, Hh, Lq, Lk);
+    query_valid (B, Lq) or None (every query real), key_valid (B, Lk): the slots whose values may
+    be read. The others are replaced by 0 before any arithmetic (``torch.where``, whose gradient
+    to the replaced entries is exactly 0), so a NaN or inf stored there reaches neither the
+    output nor a gradient: masking the scores alone would not do, since 0 * NaN is NaN in the
+    weighted sum of v and in the gradient of q.
     """
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    key_slots = rearrange(key_valid, "b j -> b 1 j 1")
+    k = torch.where(key_slots, k, torch.zeros((), dtype=k.dtype, device=k.device))
+    v = torch.where(key_slots, v, torch.zeros((), dtype=v.dtype, device=v.device))
+    if query_valid is not None:
+        q = torch.where(rearrange(query_valid, "b i -> b 1 i 1"), q, torch.zeros((), dtype=q.dtype, device=q.device))
     qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
     scores = torch.einsum("bhid,bhjd->bhij", qc, kc) * scale
     # A finite fill (not -inf) keeps a fully masked row's softmax finite (uniform) and its
@@ -228,11 +253,15 @@ def c2f_attention(
     q, k, v: (B, Hh, L, Dh), L = layout.seq_len, B = layout.batch_size.
     Returns (B, Hh, L, Dh): ``out[b, h, i] = sum_j softmax_j(scale * q[b,h,i] . k[b,h,j]) v[b,h,j]``
     over the keys j allowed by ``layout.dense_mask()[b, i]``; pad queries return exactly 0 (and
-    receive zero gradient). ``scale`` defaults to Dh ** -0.5. Computed in float32 (float64 stays
-    float64), returned in q's dtype; differentiable by autograd.
+    receive zero gradient). Values held at pad positions (q, k or v, NaN and inf included) never
+    reach an output or a gradient; pad keys receive zero dk and dv. ``scale`` defaults to
+    Dh ** -0.5. Computed in float32 (float64 stays float64), returned in q's dtype; differentiable
+    by autograd.
     """
-    allowed = layout.to(q.device).dense_mask()
-    return _masked_attention(q, k, v, rearrange(allowed, "b i j -> b 1 i j"), scale)
+    layout = layout.to(q.device)
+    allowed = layout.dense_mask()
+    valid = layout.key_valid()
+    return _masked_attention(q, k, v, rearrange(allowed, "b i j -> b 1 i j"), scale, valid, valid)
 
 
 def c2f_decode_attention(
@@ -249,6 +278,7 @@ def c2f_decode_attention(
     Every query attends to every valid cached key (the caller writes the new positions' k/v
     into the cache, and marks them valid, before calling); a query with no valid key returns 0.
     Token-by-token causal decoding uses Lq = 1; block decoding passes a whole segment, whose
-    positions then see each other. Returns (B, Hh, Lq, Dh) in q's dtype.
+    positions then see each other. Returns (B, Hh, Lq, Dh) in q's dtype. Cache slots not marked
+    valid are never read (NaN or inf there reaches no output; their dk and dv are 0).
     """
-    return _masked_attention(q, k_cache, v_cache, rearrange(key_valid, "b j -> b 1 1 j"), scale)
+    return _masked_attention(q, k_cache, v_cache, rearrange(key_valid, "b j -> b 1 1 j"), scale, None, key_valid)

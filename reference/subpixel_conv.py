@@ -22,6 +22,7 @@ __all__ = [
     "subpixel_conv2d",
     "fold_upsample_conv",
     "folded_kernel_size",
+    "empty_result",
 ]
 
 ACTIVATIONS = (None, "relu", "leaky_relu", "gelu", "silu")
@@ -68,13 +69,30 @@ def subpixel_conv2d(
     Returns (B, Cout, r * H, r * W), in the dtype of x. Output channel c, pixel
     (r * i + a, r * j + b) comes from conv channel c * r**2 + a * r + b at (i, j), as in
     ``torch.nn.PixelShuffle``. Inputs are assumed validated by :func:`dqfast.subpixel_conv2d`.
+    B, H or W = 0 gives the empty (B, Cout, r * H, r * W) output, whose gradients are empty for x
+    and zero for weight and bias (any padding mode).
     """
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        cout = weight.shape[0] // (upscale * upscale)
+        return empty_result(x, weight, bias, (x.shape[0], cout, upscale * x.shape[2], upscale * x.shape[3]))
     pad = weight.shape[-1] // 2
     if pad:
         x = F.pad(x, (pad, pad, pad, pad), mode=_F_PAD_MODE[padding_mode])
     y = F.conv2d(x, weight, bias)
     y = apply_activation(y, activation, negative_slope)
     return rearrange(y, "b (c r1 r2) h w -> b c (h r1) (w r2)", r1=upscale, r2=upscale)
+
+
+def empty_result(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """An output of ``shape`` holding no elements, still in the autograd graph of x, weight and
+    bias, so that backward gives them (empty or zero) gradients like any other call."""
+    out = x.new_zeros(shape)
+    for t in (x, weight, bias):
+        if t is not None and t.requires_grad:
+            out = out + t.flatten()[:0].sum()  # a sum over no elements: exactly 0, zero gradient
+    return out
 
 
 def folded_kernel_size(kernel_size: int, scale: int) -> int:
@@ -164,7 +182,8 @@ def upsample_conv2d(
     x: (B, Cin, H, W); weight: (Cout, Cin, k, k), k odd, "same" padding k // 2 on the upsampled
     grid with ``padding_mode`` zeros or replicate; bias: (Cout,) or None. Returns
     (B, Cout, scale * H, scale * W). Computed as the exactly equal sub-pixel convolution on the
-    low-res grid (:func:`fold_upsample_conv`), so the upsampled image is never made.
+    low-res grid (:func:`fold_upsample_conv`), so the upsampled image is never made. B, H or W = 0
+    gives the empty output (see :func:`subpixel_conv2d`).
     """
     folded_weight, folded_bias = fold_upsample_conv(weight, bias, scale=scale, padding_mode=padding_mode)
     return subpixel_conv2d(

@@ -15,6 +15,12 @@ Definitions (the spec every backend follows):
 
 Distances are computed in float32 whatever the input dtype (float64 inputs stay float64 so tests
 can compare against exact values).
+
+Non-finite values: a NaN distance compares as +inf. A NaN or inf codebook row is therefore never
+chosen while any code has a finite distance; a vector whose distances are all NaN or +inf (a NaN
+or inf in the vector itself, or a codebook of such rows) gets index 0 (the lowest of equal +inf
+distances), quantized = that code exactly, and distance = the distance computed for that code
+(NaN or inf).
 """
 
 from __future__ import annotations
@@ -68,6 +74,9 @@ def _nearest(z: torch.Tensor, codes: torch.Tensor, metric: str) -> torch.Tensor:
     computed distances are exactly equal resolve to the lowest index (argmin / argmax return the
     first extremum); codes closer than the rounding error may resolve differently in another
     formulation, which is why tests compare the chosen distance rather than the index there.
+
+    A NaN distance counts as +inf (argmin alone would pick the first NaN), so NaN codes lose to
+    every finite one and a row with no finite distance resolves to index 0.
     """
     indices = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
     code_sq = codes.pow(2).sum(-1)
@@ -77,10 +86,30 @@ def _nearest(z: torch.Tensor, codes: torch.Tensor, metric: str) -> torch.Tensor:
         dots = chunk @ codes.T  # (n, K)
         if metric == "l2":
             dist = chunk.pow(2).sum(-1, keepdim=True) - 2 * dots + code_sq
-            indices[start : start + rows] = dist.argmin(-1)
         else:
-            indices[start : start + rows] = dots.argmax(-1)
+            dist = -dots  # 1 - cos, less the constant 1: the same order, ties included
+        indices[start : start + rows] = torch.where(dist.isnan(), math.inf, dist).argmin(-1)
     return indices
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Value ``value`` exactly, gradient passed unchanged to ``source`` (same shape).
+
+    ``value + (source - source.detach())`` has the same gradient but turns the value into NaN
+    whenever ``source`` holds a NaN or inf (inf - inf), where the spec asks for the code itself.
+    """
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, grad
+
+
+def _straight_through(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    return _StraightThrough.apply(value, source) if source.requires_grad else value
 
 
 def _chosen_distance(z: torch.Tensor, code: torch.Tensor, metric: str) -> torch.Tensor:
@@ -105,13 +134,15 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l
     - quantized (..., D) in z's dtype: exactly ``codebook[indices]`` (for cosine the code
       normalised in float32, then cast to z's dtype), straight-through: the gradient passes
       unchanged to z (for cosine, to the normalised ``zn = F.normalize(z)``, hence through the
-      normalisation to z). No gradient reaches the codebook through it. Written
-      ``q + (z - sg(z))`` rather than ``z + sg(q - z)``: same gradient, but the value is q
-      exactly instead of q up to one rounding.
+      normalisation to z). No gradient reaches the codebook through it. The value is q
+      exactly (not ``z + sg(q - z)``, q up to one rounding, nor ``q + (z - sg(z))``, NaN when z
+      holds a NaN or inf).
     - distance (...) float32 (float64 for float64 inputs): squared L2 or ``1 - cos`` to the chosen
       code, recomputed directly for that code.
 
-    Empty z (no vectors) gives empty outputs.
+    Empty z (no vectors) gives empty outputs. NaN distances count as +inf: a NaN codebook row is
+    never chosen while a finite distance exists, and a vector with no finite distance (NaN or
+    inf in it) gets index 0, quantized = code 0 and the distance computed for code 0 (NaN/inf).
     """
     dtype = _compute_dtype(z.dtype)
     lead, dim = z.shape[:-1], z.shape[-1]
@@ -129,7 +160,7 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l
     else:
         source = _prepare(flat, metric, dtype)
         code = chosen
-    quantized = (code + (source - source.detach())).to(z.dtype)
+    quantized = _straight_through(code, source).to(z.dtype)
     return VQOutput(quantized.reshape(*lead, dim), indices.reshape(lead), distance.reshape(lead))
 
 
