@@ -28,7 +28,12 @@ CAN_RUN_KERNELS = HAS_TRITON and (HAS_CUDA or INTERPRET)
 needs_kernels = pytest.mark.skipif(
     not CAN_RUN_KERNELS, reason="Triton kernels need triton and a CUDA device or TRITON_INTERPRET=1"
 )
-needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (bf16 and large shapes)")
+
+
+def needs_gpu(fn):
+    """A GPU-only test: marked ``gpu`` (``pytest -m gpu`` selects them) and skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (bf16 and large shapes)")(fn))
+
 
 # Kernel dtypes testable here: the interpreter has no bf16.
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
