@@ -8,14 +8,19 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint format bench bench-gpu clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch is pinned for the dev venv (a local CPU wheel exists for exactly this version);
-	# pyproject keeps a loose range for users.
-	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q "triton==3.9.0"
-	$(PIP) install -q -e ".[test,bench,codec]"
+	# pyproject keeps a loose range for users. Every install goes through constraints.txt
+	# (torch==2.13.0), so no extra can move torch.
+	$(PIP) install -q -c constraints.txt "torch==2.13.0"
+	$(PIP) install -q -c constraints.txt "triton==3.9.0"
+	$(PIP) install -q -c constraints.txt -e ".[test,bench,codec,integrations]"
+	# The taming/LDM decoder the drop-in tests patch; its model file needs only torch and numpy
+	# (the package's declared dependencies are for its training scripts).
+	$(PIP) install -q -c constraints.txt --no-deps "taming-transformers==0.0.1"
+	$(PY) -c "import torch; v = torch.__version__.split('+')[0]; assert v == '2.13.0', f'torch moved to {v}'"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -21,7 +21,7 @@ from dqfast.ops import (
     upsample_conv2d,
     vector_quantize,
 )
-from dqfast.patch import patch
+from dqfast.patch import PatchReport, patch, unpatch
 from dqfast.types import C2FTokens, DynamicVQOutput, VQOutput
 
 __version__ = "0.1.0"
@@ -31,6 +31,7 @@ __all__ = [
     "C2FLayout",
     "C2FTokens",
     "DynamicVQOutput",
+    "PatchReport",
     "VQOutput",
     "c2f_attention",
     "c2f_decode_attention",
@@ -45,6 +46,7 @@ __all__ = [
     "patch",
     "set_backend",
     "subpixel_conv2d",
+    "unpatch",
     "upsample_conv2d",
     "use_backend",
     "vector_quantize",

@@ -10,7 +10,7 @@ from torch import nn
 
 import dqfast
 from dqfast.nn import SubPixelConv2d
-from dqfast.patch import patch
+from dqfast.patch import patch, unpatch
 from tests.helpers import FP32_TOL, seed
 
 
@@ -74,9 +74,10 @@ def test_patch_replaces_the_patterns_and_keeps_outputs():
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     length = len(model)
 
-    replaced = patch(model)
+    report = patch(model)
 
-    assert replaced == REPLACED
+    assert report.names == REPLACED
+    assert report.applied
     for name in REPLACED:
         module = _get(model, name)
         assert isinstance(module, SubPixelConv2d), name
@@ -108,22 +109,70 @@ def test_patch_replaces_the_patterns_and_keeps_outputs():
         got.backward(g)
     torch.testing.assert_close(x2.grad, x.grad, **FP32_TOL)
 
-    assert patch(model) == [], "a patched model has nothing left to patch"
+    again = patch(model)
+    assert again.names == [], "a patched model has nothing left to patch"
+    assert again.already == REPLACED
 
 
 def test_dry_run_changes_nothing():
     model = _model()
     modules = dict(model.named_modules())
-    assert patch(model, inplace=False) == REPLACED
+    report = patch(model, inplace=False)
+    assert report.names == REPLACED and not report.applied
     assert dict(model.named_modules()) == modules
 
 
 def test_root_sequential_names_and_non_module_input():
     seq = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.PixelShuffle(2))
     wrapper = nn.ModuleDict({"up": seq})
-    assert patch(wrapper) == ["up.0"]
-    assert patch(nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.PixelShuffle(2))) == ["0"]
+    assert patch(wrapper).names == ["up.0"]
+    assert patch(nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.PixelShuffle(2))).names == ["0"]
     # The shuffle factor must divide the conv's channels; here 6 is not a multiple of 4.
-    assert patch(nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.PixelShuffle(2))) == []
+    report = patch(nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.PixelShuffle(2)))
+    assert report.names == []
+    assert [(e.name, e.kind) for e in report.skipped] == [("0", "nn.Sequential Conv2d + PixelShuffle")]
+    assert "multiple of upscale**2" in report.skipped[0].detail
     with pytest.raises(TypeError, match="nn.Module"):
         patch(lambda x: x)
+    with pytest.raises(TypeError, match="nn.Module"):
+        unpatch("model")
+    with pytest.raises(TypeError, match="inplace must be a bool"):
+        patch(nn.Sequential(), inplace="yes")
+
+
+def test_skipped_pairs_are_reported_with_the_reason():
+    report = patch(_model(), inplace=False)
+    skipped = {entry.name: entry.detail for entry in report.skipped}
+    assert set(skipped) == {"5", "8", "14"}
+    assert "stride 1" in skipped["5"]
+    assert "reflect" in skipped["8"]
+    assert "only nearest" in skipped["14"]
+    text = str(report)
+    assert "would patch 4, skipped 3" in text and "4.2.0" in text
+
+
+def test_unpatch_restores_the_original_modules_with_trained_weights():
+    model = _model().train()
+    original = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    patch(model)
+    with torch.no_grad():  # stands in for training done while patched
+        for p in model.parameters():
+            p.add_(0.125)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+
+    assert unpatch(model) == REPLACED
+    assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
+    assert list(model.state_dict()) == keys
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
+    assert all(m.training for m in model.modules())
+    assert unpatch(model) == [], "nothing left to restore"
+
+    # Back to the original modules: the same function as the original with the shifted weights.
+    with torch.no_grad():
+        for p in original.parameters():
+            p.add_(0.125)
+    x = torch.randn(1, 3, 3, 5)
+    with dqfast.use_backend("reference"):
+        torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)
