@@ -168,16 +168,22 @@ def _activation_grad(z, negative_slope, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _pixels(offs_m, H, W):
-    """Split flat low-res pixel indices m = (b * H + h) * W + w into (b, h, w)."""
-    w = offs_m % W
-    t = offs_m // W
+    """Split flat low-res pixel indices m = (b * H + h) * W + w into int32 (b, h, w).
+
+    Pixel indices fit in int32 (the launchers refuse B * H * W >= 2**31), and 32-bit division is
+    a few instructions where a 64-bit one is a subroutine call whose registers the epilogue would
+    spill. Offsets stay int64: callers widen each index before multiplying it by a stride.
+    """
+    m = offs_m.to(tl.int32)
+    w = m % W
+    t = m // W
     return t // H, t % H, w
 
 
 @triton.jit
 def _conv_tile(
-    x_ptr,  # input (B, CIN, H, W), read through its strides
-    w_ptr,  # weight taps: element (n, c, th, tw) at n*stride_wn + c*stride_wc + th*stride_wh + tw*stride_ww
+    x_ptr,  # input, channels last: element (b, h, w, c) at b*stride_xb + h*stride_xh + w*stride_xw + c
+    w_ptr,  # weight taps, Cin innermost: element (n, th, tw, c) at n*stride_wn + th*stride_wh + tw*stride_ww + c
     x_pix,  # (BLOCK_M,) int64 offset of each pixel's image in x (b * stride_xb)
     h_idx,  # (BLOCK_M,) low-res row of each output pixel
     w_idx,  # (BLOCK_M,) low-res column of each output pixel
@@ -187,11 +193,9 @@ def _conv_tile(
     H,
     W,
     CIN,
-    stride_xc,
     stride_xh,
     stride_xw,
     stride_wn,
-    stride_wc,
     stride_wh,
     stride_ww,
     row0,  # low-res row offset of tap row 0 relative to the output pixel (-k//2, or a-1 per phase)
@@ -204,13 +208,19 @@ def _conv_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """acc[m, n] = sum over taps (th, tw) and channels c of x_pad[m's pixel + (row0+th, col0+tw), c] * w[n, c, th, tw].
+    """acc[m, n] = sum over taps (th, tw) and channels c of x_pad[m's pixel + (row0+th, col0+tw), c] * w[n, th, tw, c].
+
+    Both operands have the reduction axis (Cin) contiguous: each pixel row of the A tile and each
+    channel column of the B tile is one run of BLOCK_K elements, so the loads vectorise and the
+    software pipeliner turns them into cp.async copies into num_stages shared-memory buffers.
+    Padding only moves (reflect, replicate) or masks (zeros) whole pixel rows.
 
     One flat loop over (tap, channel chunk) so the compiler pipelines loads across the whole
     reduction, which matters when Cin is small and a per-tap inner loop would be 1-2 steps long.
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
+    w_cols = w_ptr + offs_n[None, :] * stride_wn
     n_chunks = tl.cdiv(CIN, BLOCK_K)
     for it in range(TAPS_H * TAPS_W * n_chunks):
         tap = it // n_chunks
@@ -219,15 +229,16 @@ def _conv_tile(
         tw = tap - th * TAPS_W
         ih, h_ok = _source_index(h_idx + (row0 + th), H, PAD_MODE)
         iw, w_ok = _source_index(w_idx + (col0 + tw), W, PAD_MODE)
-        offs_c = (c0 + offs_k).to(tl.int64)
+        offs_c = c0 + offs_k
         c_mask = offs_c < CIN
         a = tl.load(
-            x_ptr + (x_pix + ih * stride_xh + iw * stride_xw)[:, None] + offs_c[None, :] * stride_xc,
+            x_ptr + (x_pix + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] + offs_c[None, :],
             mask=(m_mask & h_ok & w_ok)[:, None] & c_mask[None, :],
             other=0.0,
         )
+        # (BLOCK_K, BLOCK_N) with K contiguous: the K-major B operand wgmma reads directly.
         b = tl.load(
-            w_ptr + offs_n[None, :] * stride_wn + offs_c[:, None] * stride_wc + th * stride_wh + tw * stride_ww,
+            w_cols + (th * stride_wh + tw * stride_ww) + offs_c[:, None],
             mask=c_mask[:, None] & n_mask[None, :],
             other=0.0,
         )
@@ -243,8 +254,8 @@ def _conv_tile(
 @triton.autotune(configs=_FWD_CONFIGS, key=["M", "N", "CIN", "KSIZE", "R"])
 @triton.jit
 def _subpixel_conv2d_fwd_kernel(
-    x_ptr,  # input (B, CIN, H, W), any strides
-    w_ptr,  # weight (N, CIN, KSIZE, KSIZE), N = COUT * R * R, any strides
+    x_ptr,  # input viewed (B, H, W, CIN) with unit channel stride
+    w_ptr,  # weight (N, CIN, KSIZE, KSIZE), N = COUT * R * R, unit channel stride
     bias_ptr,  # bias (N,), element stride stride_bias; any valid pointer when HAS_BIAS is False (never read)
     out_ptr,  # output (B, COUT, R * H, R * W), any strides
     M,  # B * H * W low-res pixels
@@ -253,11 +264,9 @@ def _subpixel_conv2d_fwd_kernel(
     CIN,
     N,
     stride_xb,
-    stride_xc,
     stride_xh,
     stride_xw,
     stride_wn,
-    stride_wc,
     stride_wh,
     stride_ww,
     stride_ob,
@@ -288,8 +297,8 @@ def _subpixel_conv2d_fwd_kernel(
     b_idx, h_idx, w_idx = _pixels(offs_m, H, W)
 
     acc = _conv_tile(
-        x_ptr, w_ptr, b_idx * stride_xb, h_idx, w_idx, m_mask, offs_n, n_mask, H, W, CIN,
-        stride_xc, stride_xh, stride_xw, stride_wn, stride_wc, stride_wh, stride_ww,
+        x_ptr, w_ptr, b_idx.to(tl.int64) * stride_xb, h_idx, w_idx, m_mask, offs_n, n_mask, H, W, CIN,
+        stride_xh, stride_xw, stride_wn, stride_wh, stride_ww,
         -(KSIZE // 2), -(KSIZE // 2), KSIZE, KSIZE, PAD_MODE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     if HAS_BIAS:
@@ -298,9 +307,10 @@ def _subpixel_conv2d_fwd_kernel(
 
     # Pixel shuffle in the store: channel n = (c * R + a) * R + s of pixel (h, w) goes to
     # out[b, c, R*h + a, R*w + s]; the address is a per-pixel part plus a per-channel part.
-    sub = offs_n % (R * R)
-    col = (offs_n // (R * R)) * stride_oc + (sub // R) * stride_oh + (sub % R) * stride_ow
-    row = b_idx * stride_ob + (R * h_idx) * stride_oh + (R * w_idx) * stride_ow
+    nn = offs_n.to(tl.int32)
+    sub = nn % (R * R)
+    col = (nn // (R * R)).to(tl.int64) * stride_oc + (sub // R).to(tl.int64) * stride_oh + (sub % R) * stride_ow
+    row = b_idx.to(tl.int64) * stride_ob + (R * h_idx).to(tl.int64) * stride_oh + (R * w_idx).to(tl.int64) * stride_ow
     tl.store(
         out_ptr + row[:, None] + col[None, :],
         acc.to(out_ptr.dtype.element_ty),
@@ -311,8 +321,8 @@ def _subpixel_conv2d_fwd_kernel(
 @triton.autotune(configs=_FWD_CONFIGS, key=["M", "COUT", "CIN"])
 @triton.jit
 def _subpixel_conv2d_folded_fwd_kernel(
-    x_ptr,  # input (B, CIN, H, W), any strides
-    w_ptr,  # phase weight (COUT, 4, CIN, 2, 2): taps of phase a*2+b, any strides
+    x_ptr,  # input viewed (B, H, W, CIN) with unit channel stride
+    w_ptr,  # phase weight (COUT, 4, CIN, 2, 2): taps of phase a*2+b, unit channel stride
     bias_ptr,  # bias (COUT,), element stride stride_bias; any valid pointer when HAS_BIAS is False (never read)
     out_ptr,  # output (B, COUT, 2 * H, 2 * W), any strides
     M,  # B * H * W low-res pixels
@@ -321,12 +331,10 @@ def _subpixel_conv2d_folded_fwd_kernel(
     CIN,
     COUT,
     stride_xb,
-    stride_xc,
     stride_xh,
     stride_xw,
     stride_wo,
     stride_wp,
-    stride_wc,
     stride_wh,
     stride_ww,
     stride_ob,
@@ -359,15 +367,15 @@ def _subpixel_conv2d_folded_fwd_kernel(
 
     # Phase a of output row 2i + a reads low-res rows i + a - 1 (tap 0) and i + a (tap 1).
     acc = _conv_tile(
-        x_ptr, w_ptr + phase * stride_wp, b_idx * stride_xb, h_idx, w_idx, m_mask, offs_n, n_mask, H, W, CIN,
-        stride_xc, stride_xh, stride_xw, stride_wo, stride_wc, stride_wh, stride_ww,
+        x_ptr, w_ptr + phase * stride_wp, b_idx.to(tl.int64) * stride_xb, h_idx, w_idx, m_mask, offs_n, n_mask, H, W, CIN,
+        stride_xh, stride_xw, stride_wo, stride_wh, stride_ww,
         pa - 1, pb - 1, 2, 2, PAD_MODE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     acc = _activation(acc, negative_slope, ACTIVATION)
 
-    row = b_idx * stride_ob + (2 * h_idx + pa) * stride_oh + (2 * w_idx + pb) * stride_ow
+    row = b_idx.to(tl.int64) * stride_ob + (2 * h_idx + pa) * stride_oh + (2 * w_idx + pb) * stride_ow
     tl.store(
         out_ptr + row[:, None] + (offs_n * stride_oc)[None, :],
         acc.to(out_ptr.dtype.element_ty),
@@ -378,22 +386,21 @@ def _subpixel_conv2d_folded_fwd_kernel(
 @triton.autotune(configs=_FWD_CONFIGS, key=["M", "N", "CIN", "KSIZE", "R"])
 @triton.jit
 def _subpixel_conv2d_bwd_act_kernel(
-    x_ptr,  # input (B, CIN, H, W), any strides
-    w_ptr,  # weight (N, CIN, KSIZE, KSIZE), any strides
+    x_ptr,  # input viewed (B, H, W, CIN) with unit channel stride
+    w_ptr,  # weight (N, CIN, KSIZE, KSIZE), unit channel stride
     bias_ptr,  # bias (N,), element stride stride_bias; any valid pointer when HAS_BIAS is False (never read)
     go_ptr,  # grad of the output (B, COUT, R * H, R * W), any strides
-    g_ptr,  # result: grad w.r.t. the pre-activation conv output, (M, N) row-major
+    g_ptr,  # result: grad w.r.t. the pre-activation conv output, (M, NP) row-major
     M,
     H,
     W,
     CIN,
     N,
+    NP,  # row length of g: N rounded up to 16; columns N..NP are written as zeros
     stride_xb,
-    stride_xc,
     stride_xh,
     stride_xw,
     stride_wn,
-    stride_wc,
     stride_wh,
     stride_ww,
     stride_gob,
@@ -420,31 +427,38 @@ def _subpixel_conv2d_bwd_act_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    mn_mask = m_mask[:, None] & n_mask[None, :]
     b_idx, h_idx, w_idx = _pixels(offs_m, H, W)
 
     pre = _conv_tile(
-        x_ptr, w_ptr, b_idx * stride_xb, h_idx, w_idx, m_mask, offs_n, n_mask, H, W, CIN,
-        stride_xc, stride_xh, stride_xw, stride_wn, stride_wc, stride_wh, stride_ww,
+        x_ptr, w_ptr, b_idx.to(tl.int64) * stride_xb, h_idx, w_idx, m_mask, offs_n, n_mask, H, W, CIN,
+        stride_xh, stride_xw, stride_wn, stride_wh, stride_ww,
         -(KSIZE // 2), -(KSIZE // 2), KSIZE, KSIZE, PAD_MODE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     if HAS_BIAS:
         pre += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
 
     # Read grad_out through the pixel-shuffle addressing of the forward store.
-    sub = offs_n % (R * R)
-    col = (offs_n // (R * R)) * stride_goc + (sub // R) * stride_goh + (sub % R) * stride_gow
-    row = b_idx * stride_gob + (R * h_idx) * stride_goh + (R * w_idx) * stride_gow
-    go = tl.load(go_ptr + row[:, None] + col[None, :], mask=mn_mask, other=0.0).to(tl.float32)
-    g = go * _activation_grad(pre, negative_slope, ACTIVATION)
-    tl.store(g_ptr + offs_m[:, None] * N + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=mn_mask)
+    nn = offs_n.to(tl.int32)
+    sub = nn % (R * R)
+    col = (nn // (R * R)).to(tl.int64) * stride_goc + (sub // R).to(tl.int64) * stride_goh + (sub % R) * stride_gow
+    row = (
+        b_idx.to(tl.int64) * stride_gob + (R * h_idx).to(tl.int64) * stride_goh + (R * w_idx).to(tl.int64) * stride_gow
+    )
+    go = tl.load(go_ptr + row[:, None] + col[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+    g = go.to(tl.float32) * _activation_grad(pre, negative_slope, ACTIVATION)
+    # Columns N..NP get go = 0, hence g = 0: the padding the backward GEMMs read unmasked.
+    tl.store(
+        g_ptr + offs_m[:, None] * NP + offs_n[None, :],
+        g.to(g_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & (offs_n < NP)[None, :],
+    )
 
 
-@triton.autotune(configs=_DX_CONFIGS, key=["MP", "N", "CIN", "KSIZE", "G_R"])
+@triton.autotune(configs=_DX_CONFIGS, key=["MP", "NP", "CIN", "KSIZE"])
 @triton.jit
 def _subpixel_conv2d_bwd_dx_kernel(
-    g_ptr,  # grad w.r.t. conv output channel n at low-res pixel (b, h, w), see stride_g* below
-    w_ptr,  # weight (N, CIN, KSIZE, KSIZE), any strides
+    g_ptr,  # grad w.r.t. the conv output, (B*H*W, NP) row-major, columns N..NP zero
+    w_ptr,  # weight taps (KSIZE * KSIZE, CIN, NP) contiguous, columns N..NP zero
     dx_ptr,  # result: grad w.r.t. the input grid positions (B, CIN, HP, WP), any strides
     MP,  # B * HP * WP result positions
     H,
@@ -453,25 +467,11 @@ def _subpixel_conv2d_bwd_dx_kernel(
     WP,
     OFFSET,  # padded-grid coordinate of result position (0, 0): k//2 for the interior, else 0
     CIN,
-    N,
-    # g element (b, h, w, n) with n = (c * G_R + a) * G_R + s lives at
-    # b*stride_gb + h*stride_gh + w*stride_gw + c*stride_gc + a*stride_ga + s*stride_gs:
-    # the shuffled grad_out read in place (G_R = R) or a (B*H*W, N) matrix (G_R = 1).
-    stride_gb,
-    stride_gh,
-    stride_gw,
-    stride_gc,
-    stride_ga,
-    stride_gs,
-    stride_wn,
-    stride_wc,
-    stride_wh,
-    stride_ww,
+    NP,
     stride_db,
     stride_dc,
     stride_dh,
     stride_dw,
-    G_R: tl.constexpr,
     KSIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -489,12 +489,13 @@ def _subpixel_conv2d_bwd_dx_kernel(
     b_idx, yr, xr = _pixels(offs_m, HP, WP)
     yp = yr + OFFSET
     xp = xr + OFFSET
-    g_pix = b_idx * stride_gb
+    w_cols = w_ptr + offs_ci[None, :] * NP
 
     # Padded position (yp, xp) was read by output pixel (yp - kh, xp - kw) through tap (kh, kw).
+    # Both operands run along N (the reduction): g rows of one pixel, weight columns of one Cin.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
-    n_chunks = tl.cdiv(N, BLOCK_K)
+    n_chunks = tl.cdiv(NP, BLOCK_K)
     for it in range(KSIZE * KSIZE * n_chunks):
         tap = it // n_chunks
         n0 = (it - tap * n_chunks) * BLOCK_K
@@ -503,23 +504,21 @@ def _subpixel_conv2d_bwd_dx_kernel(
         h = yp - kh
         w = xp - kw
         valid = m_mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        offs_n = (n0 + offs_k).to(tl.int64)
-        n_mask = offs_n < N
-        sub = offs_n % (G_R * G_R)
-        g_col = (offs_n // (G_R * G_R)) * stride_gc + (sub // G_R) * stride_ga + (sub % G_R) * stride_gs
+        offs_n = n0 + offs_k
+        n_mask = offs_n < NP
         g = tl.load(
-            g_ptr + (g_pix + h * stride_gh + w * stride_gw)[:, None] + g_col[None, :],
+            g_ptr + (((b_idx * H + h) * W + w).to(tl.int64) * NP)[:, None] + offs_n[None, :],
             mask=valid[:, None] & n_mask[None, :],
             other=0.0,
         )
         wt = tl.load(
-            w_ptr + offs_n[:, None] * stride_wn + offs_ci[None, :] * stride_wc + kh * stride_wh + kw * stride_ww,
+            w_cols + tap * (CIN * NP) + offs_n[:, None],
             mask=n_mask[:, None] & ci_mask[None, :],
             other=0.0,
         )
         acc = tl.dot(g, wt, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
 
-    row = b_idx * stride_db + yr * stride_dh + xr * stride_dw
+    row = b_idx.to(tl.int64) * stride_db + yr.to(tl.int64) * stride_dh + xr.to(tl.int64) * stride_dw
     tl.store(
         dx_ptr + row[:, None] + offs_ci[None, :] * stride_dc,
         acc.to(dx_ptr.dtype.element_ty),
@@ -528,12 +527,12 @@ def _subpixel_conv2d_bwd_dx_kernel(
 
 
 @triton.autotune(
-    configs=_DW_CONFIGS, key=["M", "N", "CIN", "KSIZE", "G_R", "M_PER_SPLIT"], reset_to_zero=["dw_ptr", "db_ptr"]
+    configs=_DW_CONFIGS, key=["M", "NP", "CIN", "KSIZE", "M_PER_SPLIT"], reset_to_zero=["dw_ptr", "db_ptr"]
 )
 @triton.jit
 def _subpixel_conv2d_bwd_dw_kernel(
-    g_ptr,  # grad w.r.t. conv output, addressed as in _subpixel_conv2d_bwd_dx_kernel
-    x_ptr,  # input (B, CIN, H, W), any strides
+    g_ptr,  # grad w.r.t. the conv output, (B*H*W, NP) row-major, columns N..NP zero
+    x_ptr,  # input viewed (B, H, W, CIN) with unit channel stride
     dw_ptr,  # result (accumulated): fp32 (N, CIN, KSIZE, KSIZE) contiguous, zero-initialised
     db_ptr,  # result (accumulated): fp32 (N,), zero-initialised; untouched when HAS_BIAS is False
     M,  # B * H * W low-res pixels
@@ -541,18 +540,11 @@ def _subpixel_conv2d_bwd_dw_kernel(
     W,
     CIN,
     N,
+    NP,
     M_PER_SPLIT,  # pixels reduced by one program along grid axis 1
-    stride_gb,
-    stride_gh,
-    stride_gw,
-    stride_gc,
-    stride_ga,
-    stride_gs,
     stride_xb,
-    stride_xc,
     stride_xh,
     stride_xw,
-    G_R: tl.constexpr,
     KSIZE: tl.constexpr,
     PAD_MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -574,11 +566,11 @@ def _subpixel_conv2d_bwd_dw_kernel(
     kw = tap % KSIZE
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    n_mask = offs_n < N
+    n_mask = offs_n < NP
     c_mask = offs_c < CIN
-    sub = offs_n % (G_R * G_R)
-    g_col = (offs_n // (G_R * G_R)) * stride_gc + (sub // G_R) * stride_ga + (sub % G_R) * stride_gs
 
+    # The reduction runs over pixels; both tiles are runs along their channel axis (N for g,
+    # Cin for x), which keeps the loads vectorised and asynchronous.
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     bacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_start = split * M_PER_SPLIT
@@ -588,12 +580,15 @@ def _subpixel_conv2d_bwd_dw_kernel(
         m_mask = offs_m < m_end
         b_idx, h_idx, w_idx = _pixels(offs_m, H, W)
         # gT[n, m]: loaded transposed so the dot needs no tl.trans.
-        g_row = b_idx * stride_gb + h_idx * stride_gh + w_idx * stride_gw
-        gt = tl.load(g_ptr + g_col[:, None] + g_row[None, :], mask=n_mask[:, None] & m_mask[None, :], other=0.0)
+        gt = tl.load(
+            g_ptr + offs_n[:, None] + (offs_m * NP)[None, :], mask=n_mask[:, None] & m_mask[None, :], other=0.0
+        )
         ih, h_ok = _source_index(h_idx + (kh - KSIZE // 2), H, PAD_MODE)
         iw, w_ok = _source_index(w_idx + (kw - KSIZE // 2), W, PAD_MODE)
         xt = tl.load(
-            x_ptr + (b_idx * stride_xb + ih * stride_xh + iw * stride_xw)[:, None] + offs_c[None, :] * stride_xc,
+            x_ptr
+            + (b_idx.to(tl.int64) * stride_xb + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None]
+            + offs_c[None, :],
             mask=(m_mask & h_ok & w_ok)[:, None] & c_mask[None, :],
             other=0.0,
         )
@@ -602,15 +597,16 @@ def _subpixel_conv2d_bwd_dw_kernel(
             bacc += tl.sum(gt.to(tl.float32), axis=1)
 
     kk = KSIZE * KSIZE
+    out_mask = offs_n < N
     tl.atomic_add(
         dw_ptr + offs_n[:, None] * (CIN * kk) + offs_c[None, :] * kk + tap,
         acc,
-        mask=n_mask[:, None] & c_mask[None, :],
+        mask=out_mask[:, None] & c_mask[None, :],
     )
     if HAS_BIAS:
         # Every (tap, Cin tile) sees the same g; only the first one contributes the bias grad.
         if (pid_c == 0) & (tap == 0):
-            tl.atomic_add(db_ptr + offs_n, bacc, mask=n_mask)
+            tl.atomic_add(db_ptr + offs_n, bacc, mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -635,6 +631,28 @@ def _output_like(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
+def _channels_innermost(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``t`` itself when dimension ``dim`` (the channels) has unit stride, else a copy that has.
+
+    The copy keeps t's shape; only the memory order changes (channels moved innermost, the other
+    dimensions in their original order). A channels_last activation or weight passes unchanged.
+    """
+    if t.stride(dim) == 1 or t.shape[dim] <= 1:
+        return t
+    order = [d for d in range(t.dim()) if d != dim] + [dim]
+    inverse = [order.index(d) for d in range(t.dim())]
+    return t.permute(order).contiguous().permute(inverse)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return triton.cdiv(n, multiple) * multiple
+
+
+# Row length of the backward's (pixels, N) matrices is padded to this many elements: Triton
+# specialises integer arguments divisible by 16, which is what lets it prove the rows aligned.
+_ROW_ALIGN = 16
+
+
 def subpixel_conv2d_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -647,7 +665,8 @@ def subpixel_conv2d_fwd(
     """out = pixel_shuffle(act(conv2d(pad(x), weight, bias)), upscale).
 
     x: (B, Cin, H, W); weight: (Cout * r**2, Cin, k, k); bias: (Cout * r**2,) or None.
-    Returns (B, Cout, r * H, r * W) in x's dtype and memory format. Any strides in.
+    Returns (B, Cout, r * H, r * W) in x's dtype and memory format. Any strides in; x and weight
+    are read channels-last (a copy is made only when their channel stride is not 1).
     """
     B, cin, H, W = x.shape
     n, _, k, _ = weight.shape
@@ -656,11 +675,13 @@ def subpixel_conv2d_fwd(
     M = B * H * W
     if out.numel() == 0:
         return out
+    xl, wl = _channels_innermost(x), _channels_innermost(weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _subpixel_conv2d_fwd_kernel[grid](
-        x, weight, weight if bias is None else bias, out,
+        xl, wl, wl if bias is None else bias, out,
         M, H, W, cin, n,
-        *x.stride(), *weight.stride(), *out.stride(), _bias_stride(bias),
+        xl.stride(0), xl.stride(2), xl.stride(3), wl.stride(0), wl.stride(2), wl.stride(3),
+        *out.stride(), _bias_stride(bias),
         float(negative_slope),
         R=r, KSIZE=k, PAD_MODE=_PAD_CODE[padding_mode], ACTIVATION=_ACT_CODE[activation],
         HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x.dtype),
@@ -678,8 +699,9 @@ def subpixel_conv2d_folded_fwd(
 ) -> torch.Tensor:
     """The resize-conv upsampler on the low-res grid, reading only each phase's 2x2 taps.
 
-    x: (B, Cin, H, W); phase_weight: (Cout, 4, Cin, 2, 2) (see :func:`fold_phase_weights`);
-    bias: (Cout,) or None. Returns (B, Cout, 2 * H, 2 * W) in x's dtype and memory format.
+    x: (B, Cin, H, W); phase_weight: (Cout, 4, Cin, 2, 2) (see :func:`fold_phase_weights`, which
+    already lays Cin innermost); bias: (Cout,) or None. Returns (B, Cout, 2 * H, 2 * W) in x's
+    dtype and memory format.
     """
     B, cin, H, W = x.shape
     cout = phase_weight.shape[0]
@@ -687,11 +709,13 @@ def subpixel_conv2d_folded_fwd(
     M = B * H * W
     if out.numel() == 0:
         return out
+    xl, wl = _channels_innermost(x), _channels_innermost(phase_weight, dim=2)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]), 4)
     _subpixel_conv2d_folded_fwd_kernel[grid](
-        x, phase_weight, phase_weight if bias is None else bias, out,
+        xl, wl, wl if bias is None else bias, out,
         M, H, W, cin, cout,
-        *x.stride(), *phase_weight.stride(), *out.stride(), _bias_stride(bias),
+        xl.stride(0), xl.stride(2), xl.stride(3), wl.stride(0), wl.stride(1), wl.stride(3), wl.stride(4),
+        *out.stride(), _bias_stride(bias),
         float(negative_slope),
         PAD_MODE=_PAD_CODE[padding_mode], ACTIVATION=_ACT_CODE[activation],
         HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x.dtype),
@@ -747,22 +771,31 @@ def subpixel_conv2d_bwd(
             torch.zeros_like(bias) if need_b else None,
         )
 
+    # Both backward GEMMs reduce over or run along the conv channels, so the gradient w.r.t. the
+    # conv output is laid out (pixels, N) with N innermost, rows padded to np_ elements (zeros).
+    np_ = _round_up(n, _ROW_ALIGN)
+    xl = _channels_innermost(x)
+    g = torch.empty((M, np_), dtype=x.dtype, device=x.device)
     if activation is None:
-        # Read grad_out in place: conv channel (c, a, s) of pixel (h, w) is grad_out[b, c, r*h+a, r*w+s].
-        sb, sc, sh, sw = grad_out.stride()
-        g, g_r, g_strides = grad_out, r, (sb, r * sh, r * sw, sc, sh, sw)
+        # pixel_unshuffle into g's layout: conv channel (c, a, s) of pixel (h, w) is
+        # grad_out[b, c, r*h + a, r*w + s]. One pass over grad_out, which both GEMMs then read
+        # as contiguous rows instead of gathering it element by element.
+        cout = n // (r * r)
+        src = grad_out.unflatten(3, (W, r)).unflatten(2, (H, r)).permute(0, 2, 4, 1, 3, 5)
+        g[:, :n].view(B, H, W, cout, r, r).copy_(src)
+        g[:, n:].zero_()
     else:
-        g = torch.empty((M, n), dtype=x.dtype, device=x.device)
+        wl = _channels_innermost(weight)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _subpixel_conv2d_bwd_act_kernel[grid](
-            x, weight, weight if bias is None else bias, grad_out, g,
-            M, H, W, cin, n,
-            *x.stride(), *weight.stride(), *grad_out.stride(), _bias_stride(bias),
+            xl, wl, wl if bias is None else bias, grad_out, g,
+            M, H, W, cin, n, np_,
+            xl.stride(0), xl.stride(2), xl.stride(3), wl.stride(0), wl.stride(2), wl.stride(3),
+            *grad_out.stride(), _bias_stride(bias),
             float(negative_slope),
             R=r, KSIZE=k, PAD_MODE=_PAD_CODE[padding_mode], ACTIVATION=_ACT_CODE[activation],
             HAS_BIAS=bias is not None, DOT_PRECISION=precision,
         )  # fmt: skip
-        g_r, g_strides = 1, (H * W * n, W * n, n, 1, 0, 0)
 
     grad_x = grad_w = grad_b = None
     if need_x:
@@ -772,15 +805,18 @@ def subpixel_conv2d_bwd(
             dx, hp, wp, offset = grad_x, H, W, pad
         else:
             # Every padded position copies a pixel: take the grad on the padded grid, then fold.
-            dx = torch.empty((B, cin, H + 2 * pad, W + 2 * pad), dtype=torch.float32, device=x.device)
             hp, wp, offset = H + 2 * pad, W + 2 * pad, 0
+            dx = torch.empty((B, hp, wp, cin), dtype=torch.float32, device=x.device).permute(0, 3, 1, 2)
+        # Weight taps (k * k, Cin, np_) with N innermost: the reduction axis of grad_x's GEMM.
+        wt = weight.new_zeros((k * k, cin, np_))
+        wt[:, :, :n].view(k, k, cin, n).copy_(weight.permute(2, 3, 1, 0))
         mp = B * hp * wp
         grid = lambda meta: (triton.cdiv(mp, meta["BLOCK_M"]) * triton.cdiv(cin, meta["BLOCK_N"]),)
         _subpixel_conv2d_bwd_dx_kernel[grid](
-            g, weight, dx,
-            mp, H, W, hp, wp, offset, cin, n,
-            *g_strides, *weight.stride(), *dx.stride(),
-            G_R=g_r, KSIZE=k, DOT_PRECISION=precision,
+            g, wt, dx,
+            mp, H, W, hp, wp, offset, cin, np_,
+            *dx.stride(),
+            KSIZE=k, DOT_PRECISION=precision,
         )  # fmt: skip
         if grad_x is None:
             rows = _source_rows(H, pad, padding_mode, x.device)
@@ -798,10 +834,10 @@ def subpixel_conv2d_bwd(
             triton.cdiv(M, m_per_split),
         )
         _subpixel_conv2d_bwd_dw_kernel[grid](
-            g, x, dw, db,
-            M, H, W, cin, n, m_per_split,
-            *g_strides, *x.stride(),
-            G_R=g_r, KSIZE=k, PAD_MODE=_PAD_CODE[padding_mode], HAS_BIAS=need_b, DOT_PRECISION=precision,
+            g, xl, dw, db,
+            M, H, W, cin, n, np_, m_per_split,
+            xl.stride(0), xl.stride(2), xl.stride(3),
+            KSIZE=k, PAD_MODE=_PAD_CODE[padding_mode], HAS_BIAS=need_b, DOT_PRECISION=precision,
         )  # fmt: skip
         grad_w = dw.to(weight.dtype) if need_w else None
         grad_b = db.to(bias.dtype) if need_b else None
@@ -928,8 +964,10 @@ def fold_phase_weights(conv_weight: torch.Tensor) -> torch.Tensor:
     for a in range(2):
         for dy in (-1, 0, 1):
             fold[a, (a + dy) // 2 + 1 - a, dy + 1] = 1
-    phase = torch.einsum("oikl,atk,bul->oabitu", conv_weight, fold, fold)
-    return phase.reshape(conv_weight.shape[0], 4, conv_weight.shape[1], 2, 2)
+    # Laid out with Cin innermost (a permuted view): the layout the phase-aware kernel reads, so
+    # its launcher needs no copy of the weight.
+    phase = torch.einsum("oikl,atk,bul->oabtui", conv_weight, fold, fold)
+    return phase.reshape(conv_weight.shape[0], 4, 2, 2, conv_weight.shape[1]).permute(0, 1, 4, 2, 3)
 
 
 def phase_weights_to_dense(phase_weight: torch.Tensor) -> torch.Tensor:
