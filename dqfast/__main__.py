@@ -38,12 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from dqfast import train
 
-        try:
+        # One ``error:`` line and status 1 for every failure (130 when interrupted), as the codec commands.
+        def train_command() -> int:
             train.run(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        return 0
+            return 0
+
+        return codec_cli.guarded(train_command)
     if args.command in codec_cli.COMMANDS:
         return codec_cli.run(args)
     raise AssertionError(f"unhandled command {args.command!r}")

@@ -12,10 +12,20 @@ defaults to the preset named in the file's header.
 
 Images: anything Pillow reads (8 bits per channel). Grayscale images are coded as RGB with the
 gray level replicated and written back as grayscale; an alpha channel is dropped with a warning;
-16-bit and floating-point images are refused. Decompressed images are always written as PNG.
-Outputs are written atomically (a temporary file in the same folder, then a rename), and an output
-path that is the input file is refused. Every failure prints one ``error: ...`` line on stderr and
-exits with status 1 (2 for command-line usage errors), without a traceback.
+images of more than 8 bits per channel (16-bit PNGs of any colour type included: Pillow would
+silently reduce those to 8 bits) and floating-point images are refused; of an animated or
+multi-page image only the first frame is coded, with a warning. ``--max-pixels`` (default 2**28,
+268 megapixels) caps the size of an image read or of the image a file claims, checked before
+anything is decoded.
+
+Outputs: ``decompress`` writes PNG, so its output must end in ``.png``. A new path or an existing
+regular file is written atomically (a temporary file in the same folder, fsync, then a rename); an
+existing file is only replaced with ``--force``, and never when it is the input. A character
+device or a FIFO (``/dev/stdout``, a named pipe) is written in place, plainly (no rename: that
+would replace the device); a directory, a path ending in ``/``, a block device or a socket is
+refused. Every failure prints one ``error: ...`` line on stderr and exits with status 1 (2 for
+command-line usage errors, 130 when interrupted), without a traceback; ``DQFAST_DEBUG=1`` adds the
+traceback of unexpected errors.
 """
 
 from __future__ import annotations
@@ -25,9 +35,12 @@ import contextlib
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 import time
+import traceback
+import warnings as warnings_module
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -37,7 +50,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dqfast.codec.container import FORMAT_VERSION, CodecError, Header, unpack
+from dqfast.codec.container import DEFAULT_MAX_PIXELS, FORMAT_VERSION, CodecError, Header, pixel_limit, unpack
 
 __all__ = ["COMMANDS", "add_arguments", "run", "main", "load_model", "read_image", "write_atomic"]
 
@@ -52,17 +65,32 @@ class CommandError(Exception):
     """A user-facing failure of a command; its message is printed as one ``error:`` line."""
 
 
+# A sanity bound on --quality: beyond it the CAE's latents can leave the int32 symbols the coder
+# carries (the codec itself checks the range before coding: entropy.check_symbol_range).
+MAX_QUALITY = 1e6
+
+
 # ----------------------------------------------------------------------------------------------
 # Models, images, files
 # ----------------------------------------------------------------------------------------------
 
 
 def resolve_device(choice: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` -> a device that exists here; CommandError otherwise."""
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(choice)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {choice}: CUDA is not available on this machine")
+    expected = "expected auto, cpu, cuda or cuda:N"
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, ValueError, TypeError):
+        raise CommandError(f"--device {choice!r} is not a device: {expected}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CommandError(f"--device {choice!r}: the codec runs on the CPU or CUDA only ({expected})")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {choice}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CommandError(f"--device {choice}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -100,29 +128,71 @@ def load_model(spec: str, device: torch.device | str = "cpu", *, allow_folder: b
         )
     try:
         model = create(spec, pretrained=True)
-    except (ValueError, RuntimeError) as e:
+    except Exception as e:  # a damaged weights file: the registry's hash check, or safetensors' own error type
         raise CommandError(f"cannot load preset {spec!r}: {_one_line(e)}") from e
     return model.to(device).eval(), spec
 
 
-def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, int, list[str]]:
-    """The image at ``path`` -> (image (3, H, W) float32 in [0, 1], source channels 1 or 3, warnings)."""
+def _png_bit_depth(path: str | os.PathLike) -> int | None:
+    """The bit depth in a PNG's IHDR chunk (Pillow opens 16-bit RGB(A) PNGs as 8-bit RGB(A))."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return head[24]
+    return None
+
+
+def _check_pixels(path, size: tuple[int, int], limit: int) -> None:
+    W, H = size
+    if W < 1 or H < 1:
+        raise CommandError(f"{path}: the image is {W}x{H} pixels: nothing to code")
+    if W * H > limit:
+        raise CommandError(
+            f"{path}: {W}x{H} = {W * H} pixels is over the limit of {limit} (raise it with --max-pixels)"
+        )
+
+
+def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, int, list[str]]:
+    """The image at ``path`` -> (image (3, H, W) float32 in [0, 1], source channels 1 or 3, warnings).
+
+    Refuses (CommandError) images of more than 8 bits per channel, of a zero side or of more than
+    ``max_pixels`` pixels (checked from the file's header, before decoding); warns about a dropped
+    alpha channel and about the frames after the first of an animated or multi-page image.
+    """
     warnings: list[str] = []
     try:
-        with Image.open(path) as img:
-            img.load()
+        depth = _png_bit_depth(path)
+        with warnings_module.catch_warnings():
+            # Pillow's decompression-bomb warning: the pixel limit is ours (--max-pixels), checked below.
+            warnings_module.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                img = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved_limit
+        with img:
             mode = img.mode
-            if mode in _HIGH_DEPTH_MODES:
-                raise CommandError(f"{path}: {mode} images (more than 8 bits per channel) are not supported")
+            if mode in _HIGH_DEPTH_MODES or (depth is not None and depth > 8):
+                bits = f"{depth}-bit" if depth is not None and depth > 8 else mode
+                raise CommandError(
+                    f"{path}: {bits} images (more than 8 bits per channel) are not supported; convert it to 8 bits"
+                )
+            _check_pixels(path, img.size, max_pixels)
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                warnings.append(f"{path}: {frames} frames; only the first is coded")
             has_alpha = "A" in mode or "a" in mode or (mode == "P" and "transparency" in img.info)
             if has_alpha:
                 warnings.append(f"{path}: alpha channel dropped (the codec stores RGB or grayscale)")
             gray = mode in _GRAY_MODES
+            img.load()
             array = np.array(img.convert("L" if gray else "RGB"))
     except (Image.UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise CommandError(f"{path}: not an image Pillow can read ({_one_line(e)})") from e
-    except OSError as e:
-        raise CommandError(f"cannot read {path}: {e.strerror or _one_line(e)}") from e
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow reports some damaged files as SyntaxError
+        reason = getattr(e, "strerror", None) or _one_line(e)
+        raise CommandError(f"cannot read {path}: {reason}") from e
     if gray:
         array = np.repeat(array[..., None], 3, axis=2)
     image = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
@@ -134,11 +204,50 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder and a rename: readers never see a partial file."""
-    path = Path(path)
-    if path.is_dir():
-        raise CommandError(f"cannot write {path}: it is a directory")
+def output_kind(path: str | os.PathLike) -> str:
+    """How :func:`write_atomic` treats ``path``: ``"new"``, ``"file"`` (an existing regular file) or
+    ``"stream"`` (a character device or FIFO); CommandError for anything it refuses to write."""
+    text = os.fspath(path)
+    p = Path(text)
+    if text.endswith(("/", os.sep)):
+        if p.is_dir():
+            raise CommandError(f"cannot write {text}: it is a directory; name the output file")
+        raise CommandError(f"cannot write {text}: the path ends in '/' but no such directory exists")
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        return "new"
+    except OSError as e:
+        raise CommandError(f"cannot write {text}: {e.strerror or _one_line(e)}") from e
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    if stat.S_ISDIR(st.st_mode):
+        raise CommandError(f"cannot write {text}: it is a directory; name the output file")
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+        return "stream"
+    raise CommandError(f"cannot write {text}: it is neither a regular file, a character device nor a FIFO")
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, overwrite: bool = True) -> None:
+    """Write ``path`` so that readers never see a partial file.
+
+    A new path or a regular file: a temporary file in the same folder (unique name), fsync, one
+    rename, fsync of the folder. An existing file is replaced only when ``overwrite``; a symbolic
+    link is followed (its target is replaced, not the link). A character device or FIFO is written
+    in place (renaming over it would replace the device with a file). Directories, paths ending in
+    ``/``, block devices and sockets are refused with :class:`CommandError`.
+    """
+    kind = output_kind(path)
+    if kind == "file" and not overwrite:
+        raise CommandError(f"{os.fspath(path)} exists; pass --force to replace it")
+    if kind == "stream":
+        try:
+            with open(path, "wb") as f:
+                write(f)
+        except OSError as e:
+            raise CommandError(f"cannot write {os.fspath(path)}: {e.strerror or _one_line(e)}") from e
+        return
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     folder = path.parent
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
@@ -153,11 +262,43 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise CommandError(f"{path} exists; pass --force to replace it") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _fsync_dir(folder)
+
+
+def _place_new(tmp: str, path: Path) -> None:
+    """Rename ``tmp`` to ``path`` unless ``path`` exists (also one created meanwhile: link() fails
+    when the name exists, rename() would not)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _check_not_input(inp: Path, out: Path) -> None:
@@ -195,7 +336,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     inp, out = Path(args.input), Path(args.output)
     _check_not_input(inp, out)
-    image, channels, warnings = read_image(inp)
+    _check_output(args.output, args.force)
+    image, channels, warnings = read_image(inp, max_pixels=args.max_pixels)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     device = resolve_device(args.device)
@@ -209,7 +351,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     result = encode(model, image, budget=args.budget, quality=args.quality, name=name, source_channels=channels)
     _synchronize(device)
     seconds = time.perf_counter() - start
-    write_atomic(out, lambda f: f.write(result.data))
+    write_atomic(args.output, lambda f: f.write(result.data), overwrite=args.force)
     print(
         f"{out}: {len(result.data)} bytes, {result.bpp:.4f} bpp (model estimate {result.estimated_bpp:.4f}), "
         f"{image.shape[2]}x{image.shape[1]}, {kind} {name!r}, {seconds:.2f} s"
@@ -217,13 +359,24 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(output: str, force: bool) -> str:
+    """Check the output path before any work: its kind (see :func:`output_kind`), no overwrite without --force."""
+    kind = output_kind(output)
+    if kind == "file" and not force:
+        raise CommandError(f"{output} exists; pass --force to replace it")
+    return kind
+
+
 def cmd_decompress(args: argparse.Namespace) -> int:
-    from dqfast.codec import decode
+    from dqfast.codec import codec_kind, decode
 
     inp, out = Path(args.input), Path(args.output)
     _check_not_input(inp, out)
+    if _check_output(args.output, args.force) != "stream" and out.suffix.lower() != ".png":
+        raise CommandError(f"decompress writes PNG images: the output must end in .png, got {args.output!r}")
     data = _read_bytes(inp)
-    header, _ = unpack(data)
+    with pixel_limit(args.max_pixels):
+        header, _ = unpack(data)
     device = resolve_device(args.device)
     if args.model is None:
         try:
@@ -235,14 +388,18 @@ def cmd_decompress(args: argparse.Namespace) -> int:
             ) from e
     else:
         model, name = load_model(args.model, device)
+    kind = codec_kind(model)
+    if kind != header.kind:
+        raise CommandError(f"wrong model: {inp} is a {header.kind} file but model {name!r} is a {kind}")
     start = time.perf_counter()
-    image, header = decode(data, model, name=name)
+    with pixel_limit(args.max_pixels):
+        image, header = decode(data, model, name=name)
     _synchronize(device)
     seconds = time.perf_counter() - start
     pixels = Image.fromarray(to_uint8(image))
     if header.channels == 1:
         pixels = pixels.convert("L")
-    write_atomic(out, lambda f: pixels.save(f, format="PNG"))
+    write_atomic(args.output, lambda f: pixels.save(f, format="PNG"), overwrite=args.force)
     print(f"{out}: {header.image_size[1]}x{header.image_size[0]} PNG from {len(data)} bytes, {seconds:.2f} s")
     return 0
 
@@ -281,7 +438,8 @@ def describe(header: Header, size: int) -> list[tuple[str, str]]:
 def cmd_info(args: argparse.Namespace) -> int:
     path = Path(args.file)
     data = _read_bytes(path)
-    header, streams = unpack(data)
+    with pixel_limit(args.max_pixels):
+        header, streams = unpack(data)
     rows = describe(header, len(data))
     stream_bytes = [4 * len(s) for s in streams]
     rows.append(
@@ -321,6 +479,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _quality(text: str) -> float:
+    value = _positive_float(text)
+    if value > MAX_QUALITY:
+        raise argparse.ArgumentTypeError(f"expected a quality of at most {MAX_QUALITY:g}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _budget(text: str) -> float | tuple[float, ...]:
     """``0.5``, or comma-separated fractions finest grain first (``0.3,0.3``) for models of 3+ grains."""
     expected = f"expected a number in [0, 1] (or several, comma-separated), got {text!r}"
@@ -336,10 +511,21 @@ def _budget(text: str) -> float | tuple[float, ...]:
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``compress``, ``decompress``, ``info`` and ``eval`` sub-commands on ``subparsers``."""
     device = dict(default="auto", help="where the network runs: auto (CUDA if available), cpu, cuda, cuda:N")
+    limit = dict(
+        type=_positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse images of more pixels than this, checked before decoding (default {DEFAULT_MAX_PIXELS})",
+    )
+    force = dict(action="store_true", help="replace OUT if it exists (never the input)")
 
     p = subparsers.add_parser("compress", help="compress an image into a dqfast file")
     p.add_argument("input", metavar="IN", help="image file (PNG, JPEG, ... anything Pillow reads)")
-    p.add_argument("output", metavar="OUT", help="dqfast file to write")
+    p.add_argument(
+        "output",
+        metavar="OUT",
+        help="dqfast file to write (a new file, or an existing one with --force; a character device or FIFO "
+        "is written in place)",
+    )
     p.add_argument(
         "--model", default="cae-small", help="model preset (pretrained weights) or training folder (default: cae-small)"
     )
@@ -351,20 +537,32 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
         "(finest first) for 3+ grains (default: the router's choice)",
     )
     rate.add_argument(
-        "--quality", type=_positive_float, help="CAE: quantisation scale multiplier (default 1, the trained rate)"
+        "--quality",
+        type=_quality,
+        help=f"CAE: quantisation scale multiplier, in (0, {MAX_QUALITY:g}] (default 1, the trained rate)",
     )
     p.add_argument("--device", **device)
+    p.add_argument("--max-pixels", **limit)
+    p.add_argument("--force", **force)
 
     p = subparsers.add_parser("decompress", help="decompress a dqfast file into a PNG image")
     p.add_argument("input", metavar="IN", help="dqfast file")
-    p.add_argument("output", metavar="OUT", help="PNG file to write")
+    p.add_argument(
+        "output",
+        metavar="OUT",
+        help="PNG file to write, ending in .png (a new file, or an existing one with --force; a character "
+        "device or FIFO is written in place)",
+    )
     p.add_argument(
         "--model", default=None, help="model preset or training folder (default: the preset named in the file)"
     )
     p.add_argument("--device", **device)
+    p.add_argument("--max-pixels", **limit)
+    p.add_argument("--force", **force)
 
     p = subparsers.add_parser("info", help="print the header of a dqfast file")
     p.add_argument("file", metavar="FILE")
+    p.add_argument("--max-pixels", **limit)
 
     from dqfast.codec.evaluate import add_eval_arguments
 
@@ -375,17 +573,36 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the parsed codec command ``args.command``; failures become one ``error:`` line and status 1."""
+    return guarded(lambda: _HANDLERS[args.command](args))
+
+
+def guarded(command: Callable[[], int]) -> int:
+    """Run ``command``; any failure becomes one ``error:`` line on stderr and status 1 (130 when interrupted).
+
+    Expected failures (bad files, arguments, devices, backends) print their own message; an
+    unexpected exception prints its type and message (and, with ``DQFAST_DEBUG=1``, the traceback).
+    """
     try:
-        return _HANDLERS[args.command](args)
-    except (CommandError, CodecError) as e:
-        message = _one_line(e)
-    except ValueError as e:
+        from dqfast.backend import BackendUnavailable
+    except Exception:  # noqa: BLE001  (a broken backend module must not stop the error report)
+        BackendUnavailable = RuntimeError  # noqa: N806
+    try:
+        return command()
+    except (CommandError, CodecError, ValueError, TypeError, BackendUnavailable) as e:
         message = _one_line(e)
     except OSError as e:
         message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else _one_line(e)
+    except MemoryError:
+        message = "out of memory (try a smaller image, or a smaller --max-pixels to refuse such files early)"
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001  (the command line promises one line, never a traceback)
+        if os.environ.get("DQFAST_DEBUG") == "1":
+            traceback.print_exc()
+        message = f"{type(e).__name__}: {_one_line(e)}"
+        if any(k in message.lower() for k in ("out of memory", "not enough memory")):
+            message = f"out of memory ({_one_line(e)})"
     print(f"error: {message}", file=sys.stderr)
     return 1
 
