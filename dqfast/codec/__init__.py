@@ -57,9 +57,10 @@ __all__ = [
 def codec_kind(model: nn.Module) -> str:
     """``"cae"`` or ``"dqvae"``: which codec handles ``model``; ValueError for other models."""
     from dqfast.models.cae import CompressiveAutoencoder
+    from dqfast.models.cae_hyper import HyperpriorCAE
     from dqfast.models.dqvae import DQVAE
 
-    if isinstance(model, CompressiveAutoencoder):
+    if isinstance(model, CompressiveAutoencoder | HyperpriorCAE):
         return "cae"
     if isinstance(model, DQVAE):
         return "dqvae"

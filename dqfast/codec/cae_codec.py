@@ -45,6 +45,13 @@ TAIL_MASS = 1e-6
 MAX_HALF_RANGE = 2047
 
 
+def _variable_rate(model: nn.Module) -> bool:
+    """Whether ``model`` is the variable-rate CAE (coded by :mod:`dqfast.codec.cae_hyper_codec`)."""
+    from dqfast.models.cae_hyper import HyperpriorCAE
+
+    return isinstance(model, HyperpriorCAE)
+
+
 def _quality(quality: float | None) -> float:
     if quality is None:
         return 1.0
@@ -94,6 +101,10 @@ def encode_cae(
     present the same name and weights. ``source_channels`` (1 or 3) records whether the image came
     from a grayscale file, so that a decoder writing files can give it back as grayscale.
     """
+    if _variable_rate(model):
+        from dqfast.codec.cae_hyper_codec import encode_hyper
+
+        return encode_hyper(model, image, quality=quality, name=name, source_channels=source_channels)
     batch = check_image(image)
     q = _quality(quality)
     fingerprint = model_fingerprint(model)
@@ -172,6 +183,10 @@ def decompress_cae(data: bytes, model: nn.Module, *, name: str | None = None) ->
 
     Raises :class:`CodecError` for a malformed file or a model other than the encoder's.
     """
+    if _variable_rate(model):
+        from dqfast.codec.cae_hyper_codec import decompress_hyper
+
+        return decompress_hyper(data, model, name=name)
     header, streams = unpack(data)
     if header.kind != "cae":
         raise CodecError(f"this is a {header.kind} file, not a CAE file")
