@@ -11,7 +11,42 @@ from torch import nn
 
 from dqfast.reference.c2f_attention import C2FLayout
 
-__all__ = ["C2FAttention", "KVCache"]
+__all__ = ["C2FAttention", "CachedC2FLayout", "KVCache"]
+
+
+class CachedC2FLayout(C2FLayout):
+    """A :class:`dqfast.C2FLayout` that builds ``key_valid()`` and ``dense_mask()`` once.
+
+    A model applies one layout in every attention layer; the plain layout rebuilds its (B, L, L)
+    mask at each call. This one keeps the first result (its ``lengths`` must not change afterwards,
+    as for any layout). ``CachedC2FLayout.of(layout)`` wraps an existing layout.
+    """
+
+    def __init__(self, segment_sizes, lengths: torch.Tensor, mode: str = "causal"):
+        super().__init__(segment_sizes, lengths, mode)
+        self._key_valid: torch.Tensor | None = None
+        self._dense_mask: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, layout: C2FLayout) -> CachedC2FLayout:
+        if isinstance(layout, cls):
+            return layout
+        return cls(layout.segment_sizes, layout.lengths, layout.mode)
+
+    def key_valid(self) -> torch.Tensor:
+        if self._key_valid is None:
+            self._key_valid = super().key_valid()
+        return self._key_valid
+
+    def dense_mask(self) -> torch.Tensor:
+        if self._dense_mask is None:
+            self._dense_mask = super().dense_mask()
+        return self._dense_mask
+
+    def to(self, device: torch.device | str) -> C2FLayout:
+        if self.lengths.device == torch.device(device):
+            return self
+        return CachedC2FLayout(self.segment_sizes, self.lengths.to(device), self.mode)
 
 
 @dataclass
