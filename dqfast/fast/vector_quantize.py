@@ -1,0 +1,260 @@
+"""Vector quantization as a chunked ``addmm`` + ``argmin`` (fast path off the GPU).
+
+The reference evaluates ``||z||^2 - 2 z.c + ||c||^2`` as three N x K passes (matmul, two
+broadcast adds) before the argmin. Here a block of rows at a time goes through one ``addmm``
+whose bias is ``||c||^2``: ``||z||^2`` is the same for every code of a row, so it cannot move the
+argmin and is left out. The block's distance matrix (at most ``CHUNK_ENTRIES`` fp32 values) stays
+in cache for the argmin, and never more than that exists at once, whatever N is.
+
+Non-finite input (the documented rule, shared with the reference and the kernels): a distance
+that is NaN counts as +inf. A code with a non-finite entry is at distance NaN or inf from every
+vector, so it is never chosen (its bias is set to +inf and its row zeroed in the matmul); a vector
+with a non-finite entry is at distance NaN or inf from every code, so all its distances count as
++inf and it takes the lowest index, 0. The returned distance is that of the chosen code, computed
+as the reference does: ``sum((z - c)^2)`` (l2) or ``1 - zn.cn`` (cosine), so it is NaN/inf there.
+
+``code_statistics`` uses ``bincount`` and ``index_add_``; ``dynamic_quantize`` is the reference's
+algorithm with this search inside (a region is searched once, at its grain).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dqfast.types import DynamicVQOutput, VQOutput
+
+__all__ = [
+    "vector_quantize",
+    "dynamic_quantize",
+    "code_statistics",
+    "nearest_code",
+    "vector_quantize_reasons",
+    "dynamic_quantize_reasons",
+    "code_statistics_reasons",
+]
+
+NORMALIZE_EPS = 1e-12  # F.normalize's default, as in the reference
+
+# Distance entries evaluated at once: 2**18 fp32 values (1 MiB) keep a block's distances in the
+# L2 cache between the addmm that writes them and the argmin that reads them.
+CHUNK_ENTRIES = 1 << 18
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _prepare(x: torch.Tensor, metric: str, dtype: torch.dtype) -> torch.Tensor:
+    x = x.to(dtype)
+    return F.normalize(x, dim=-1, eps=NORMALIZE_EPS) if metric == "cosine" else x
+
+
+def nearest_code(z: torch.Tensor, codes: torch.Tensor, metric: str) -> torch.Tensor:
+    """Index of the nearest code of every row, ties to the lowest index; NaN distances count as +inf.
+
+    z: (N, D), codes: (K, D), both in the compute dtype (and normalised for cosine).
+    Returns (N,) int64. l2 ranks codes by ``||c||^2 - 2 z.c``, cosine by ``-z.c``.
+    """
+    N, K = z.shape[0], codes.shape[0]
+    if N == 0:
+        return torch.empty(0, dtype=torch.int64, device=z.device)
+    bad_codes = ~torch.isfinite(codes).all(-1)
+    bias = codes.pow(2).sum(-1) if metric == "l2" else codes.new_zeros(K)
+    if bool(bad_codes.any()):
+        codes = torch.where(bad_codes[:, None], 0, codes)
+        bias = bias.masked_fill(bad_codes, math.inf)
+    alpha = -2.0 if metric == "l2" else -1.0
+    bad_rows = ~torch.isfinite(z).all(-1)
+    any_bad_row = bool(bad_rows.any())
+    if any_bad_row:
+        z = torch.where(bad_rows[:, None], 0, z)
+    codes_t = codes.T
+    indices = torch.empty(N, dtype=torch.int64, device=z.device)
+    rows = max(1, CHUNK_ENTRIES // K)
+    if rows >= N:
+        torch.argmin(torch.addmm(bias, z, codes_t, alpha=alpha), 1, out=indices)
+    else:
+        scores = z.new_empty(rows, K)
+        for start in range(0, N, rows):
+            stop = min(start + rows, N)
+            block = scores[: stop - start]
+            torch.addmm(bias, z[start:stop], codes_t, alpha=alpha, out=block)
+            torch.argmin(block, 1, out=indices[start:stop])
+    if any_bad_row:
+        indices.masked_fill_(bad_rows, 0)
+    return indices
+
+
+def _chosen_distance(z: torch.Tensor, code: torch.Tensor, metric: str) -> torch.Tensor:
+    if metric == "l2":
+        return (z - code).pow(2).sum(-1)
+    return 1 - (z * code).sum(-1)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Value ``code`` (cast to ``dtype``), gradient passed unchanged to ``source``.
+
+    Equal to the reference's ``(code + (source - sg(source))).to(dtype)`` in value and gradient,
+    without its two elementwise passes.
+    """
+
+    @staticmethod
+    def forward(ctx, source: torch.Tensor, code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.source_dtype = source.dtype
+        return code.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.source_dtype), None, None
+
+
+def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2") -> VQOutput:
+    """Nearest-code search (fast path), same contract as the reference.
+
+    z: (..., D); codebook: (K, D). Returns VQOutput(quantized (..., D), indices (...) int64,
+    distance (...) float32, or float64 for float64 input).
+    """
+    dtype = _compute_dtype(z.dtype)
+    lead, dim = z.shape[:-1], z.shape[-1]
+    flat = z.reshape(-1, dim)
+    with torch.no_grad():
+        vectors = _prepare(flat.detach(), metric, dtype)
+        codes = _prepare(codebook.detach(), metric, dtype)
+        indices = nearest_code(vectors, codes, metric)
+        chosen = F.embedding(indices, codes)
+        distance = _chosen_distance(vectors, chosen, metric)
+    if metric == "l2":
+        code = F.embedding(indices, codebook.detach()) if codebook.dtype != dtype else chosen
+        source = flat
+    else:
+        code = chosen
+        source = _prepare(flat, metric, dtype) if flat.requires_grad else None
+    if source is not None and source.requires_grad:
+        quantized = _StraightThrough.apply(source, code, z.dtype)
+    else:
+        quantized = code.to(z.dtype)
+    return VQOutput(quantized.reshape(*lead, dim), indices.reshape(lead), distance.reshape(lead))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dynamic quantization
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve_grain(grain, gate, router_logits, budget) -> torch.Tensor:
+    if grain is not None:
+        return grain.to(torch.int64)
+    if gate is not None:
+        return gate.detach().argmax(-1)
+    if budget is None:
+        return router_logits.detach().argmax(-1)
+    from dqfast import ops  # the exact-budget allocation is shared, not re-derived here
+
+    return ops.grain_from_budget(router_logits.detach(), budget)
+
+
+def _upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Nearest x``factor`` of x (B, H, W, ...) to (B, H * factor, W * factor, ...)."""
+    if factor == 1:
+        return x
+    return x.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+
+
+def dynamic_quantize(
+    features: Sequence[torch.Tensor],
+    codebook: torch.Tensor,
+    *,
+    grain: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    router_logits: torch.Tensor | None = None,
+    budget=None,
+    metric: str = "l2",
+    beta: float = 0.25,
+) -> DynamicVQOutput:
+    """Dynamic (per-region grain) vector quantization (fast path), same contract as the reference.
+
+    Every coded vector is searched once at its grain with :func:`nearest_code`; the codes are
+    written straight into the finest grid (each grain-g cell fills its 2**(G-1-g) square block).
+    """
+    G = len(features)
+    B, D, H, W = features[0].shape
+    Hf, Wf = H * 2 ** (G - 1), W * 2 ** (G - 1)
+    grain = _resolve_grain(grain, gate, router_logits, budget)
+    dtype = _compute_dtype(features[0].dtype)
+    codes = _prepare(codebook, metric, dtype)  # keeps the gradient to the codebook for the loss
+    with torch.no_grad():
+        search_codes = codes.detach()
+
+    quantized = features[0].new_zeros(B, Hf, Wf, D)
+    indices = torch.zeros(B, Hf, Wf, dtype=torch.int64, device=codebook.device)
+    commitment = codebook_term = codes.new_zeros(())
+    n_total = 0
+    for g, feature in enumerate(features):
+        spread = 2 ** (G - 1 - g)
+        coded = _upsample(grain == g, 2**g)  # (B, Hg, Wg)
+        cells = coded.nonzero(as_tuple=True)  # raster order over (b, y, x)
+        v = feature.permute(0, 2, 3, 1)[cells]  # (N_g, D)
+        if gate is not None:
+            v = v * _upsample(gate[..., g], 2**g)[cells][:, None]
+        target = _prepare(v, metric, dtype)
+        with torch.no_grad():
+            idx = nearest_code(target.detach(), search_codes, metric)
+        chosen = codes[idx]
+        if metric == "l2":
+            q = codebook.detach()[idx]
+            source = v
+        else:
+            q = chosen.detach()
+            source = target
+        q = _StraightThrough.apply(source, q, feature.dtype) if source.requires_grad else q.to(feature.dtype)
+        commitment = commitment + (target - chosen.detach()).pow(2).sum()
+        codebook_term = codebook_term + (target.detach() - chosen).pow(2).sum()
+        n_total += v.shape[0]
+
+        # Cell (b, y, x) of the grain-g grid covers the finest cells (b, y*s + i, x*s + j).
+        b, y, x = cells
+        offsets = torch.arange(spread, device=y.device)
+        ys = (y[:, None] * spread + offsets).repeat_interleave(spread, 1)  # (N, s*s)
+        xs = (x[:, None] * spread + offsets).repeat(1, spread)
+        bs = b[:, None].expand_as(ys)
+        quantized = quantized.index_put((bs, ys, xs), q[:, None, :].expand(-1, spread * spread, -1))
+        indices.index_put_((bs, ys, xs), idx[:, None].expand(-1, spread * spread))
+
+    loss = (beta * commitment + codebook_term) / (max(n_total, 1) * D)
+    n_codes = (4**grain).sum((1, 2))
+    return DynamicVQOutput(quantized.permute(0, 3, 1, 2), indices, grain, loss, n_codes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Code statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def code_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code count (num_codes,) and sum (num_codes, D) of the vectors assigned to each code.
+
+    float32 (float64 for float64 x); ``bincount`` and ``index_add_``, no N x K one-hot.
+    """
+    acc = _compute_dtype(x.dtype)
+    indices = indices.to(torch.int64)
+    counts = torch.bincount(indices, minlength=num_codes).to(acc)
+    sums = torch.zeros(num_codes, x.shape[1], dtype=acc, device=x.device)
+    sums.index_add_(0, indices, x.detach().to(acc))
+    return counts, sums
+
+
+def vector_quantize_reasons(z, codebook, *, metric="l2") -> list[str]:
+    """Why the fast path cannot serve this call: never, for a call the ops layer accepted."""
+    return []
+
+
+def dynamic_quantize_reasons(features, codebook, **kwargs) -> list[str]:
+    return []
+
+
+def code_statistics_reasons(x, indices, num_codes) -> list[str]:
+    return []
