@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -176,3 +178,15 @@ def test_unpatch_restores_the_original_modules_with_trained_weights():
     x = torch.randn(1, 3, 3, 5)
     with dqfast.use_backend("reference"):
         torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)
+
+
+def test_patch_never_imports_an_integration_library():
+    # A fresh interpreter: dqfast and a patch of a plain model must leave these libraries unimported.
+    code = (
+        "import sys, torch, dqfast\n"
+        "model = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(2, 2, 3, padding=1))\n"
+        "assert dqfast.patch(model).names == ['1']\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('diffusers', 'vector_quantize_pytorch', 'taming')]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
