@@ -4,6 +4,7 @@ demo        run every op with every available backend and print a table
 train       train a model on a folder of images (cae, dqvae, dqtransformer)
 compress    image -> dqfast bitstream;  decompress: bitstream -> PNG;  info: show a file's header
 eval        rate-distortion table over a folder, against JPEG and JPEG 2000
+sample      images from a DQ-Transformer and its DQ-VAE (a PNG grid, --stages: the coarse stage too)
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ops-only", action="store_true", help="only the op table, not the codec demo")
     train.add_arguments(sub.add_parser("train", help="train a model on a folder of images"))
     codec_cli.add_arguments(sub)
+    from dqfast import sample
+
+    sample.add_arguments(sub.add_parser("sample", help="images from a DQ-Transformer and its DQ-VAE"))
     return parser
 
 
@@ -44,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         return codec_cli.guarded(train_command)
+    if args.command == "sample":
+        from dqfast import sample
+
+        return sample.run(args)
     if args.command in codec_cli.COMMANDS:
         return codec_cli.run(args)
     raise AssertionError(f"unhandled command {args.command!r}")
