@@ -220,4 +220,15 @@ def main(ops_only: bool = False, out_dir: str = "demo_out") -> int:
     print()
     from dqfast.codec import demo as codec_demo
 
-    return codec_demo.main(out_dir=out_dir)
+    status = codec_demo.main(out_dir=out_dir)
+    print()
+    return status or sample_demo(out_dir)
+
+
+def sample_demo(out_dir: str = "demo_out", n: int = 8, seed: int = 0) -> int:
+    """Coarse-to-fine generation: ``python -m dqfast sample --stages`` with the shipped models."""
+    from dqfast.__main__ import main as cli
+
+    out = os.path.join(out_dir, "sample_grid.png")
+    print(f"coarse-to-fine samples: python -m dqfast sample --n {n} --seed {seed} --stages --out {out}")
+    return cli(["sample", "--n", str(n), "--seed", str(seed), "--stages", "--out", out])

@@ -112,3 +112,10 @@ def test_image_grid_layout():
     assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 3) and grid.dtype == torch.uint8
     assert (grid[1:5, 1:6] == 0).all() and (grid[1:5, 7:12] == 255).all()
     assert (grid[0] == 255).all() and (grid[6:10, 7:12] == 255).all()  # padding and the empty cell
+
+
+def test_demo_writes_the_sample_grid_and_its_coarse_stage(tmp_path):
+    from dqfast.demo import sample_demo
+
+    assert sample_demo(str(tmp_path), n=2) == 0
+    assert (tmp_path / "sample_grid.png").exists() and (tmp_path / "sample_grid_coarse.png").exists()
