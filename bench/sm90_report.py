@@ -588,7 +588,7 @@ def _spec_key(launch: Launch) -> tuple:
     return (launch.scenario.rsplit(" ", 1)[0], launch.kernel, tuple(parts), repr(grid))
 
 
-def compile_all(launches: list[Launch], jobs: int = 1) -> list[dict]:
+def compile_all(launches: list[Launch], jobs: int = 1, *, verbose: bool = False, list_only: bool = False) -> list[dict]:
     seen = set()
     _JOBS.clear()
     for launch in launches:
@@ -601,12 +601,27 @@ def compile_all(launches: list[Launch], jobs: int = 1) -> list[dict]:
         else:
             for i, cfg in enumerate(launch.configs):
                 _JOBS.append((launch, cfg, i))
+    if list_only:
+        return [
+            {"scenario": ln.scenario, "kernel": ln.kernel, "config": config_label(cfg), "pruned": i in ln.pruned}
+            for ln, cfg, i in _JOBS
+        ]
+
+    def progress(done: int, row: dict) -> dict:
+        if verbose:
+            print(
+                f"[{done}/{len(_JOBS)}] {row['scenario']} {row['kernel']} {row['config']} {row['compile_s']} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        return row
+
     if jobs <= 1 or len(_JOBS) <= 1:
-        return [_compile_job(i) for i in range(len(_JOBS))]
+        return [progress(i + 1, _compile_job(i)) for i in range(len(_JOBS))]
     import multiprocessing as mp
 
     with mp.get_context("fork").Pool(jobs) as pool:
-        return pool.map(_compile_job, range(len(_JOBS)), chunksize=1)
+        return [progress(i + 1, r) for i, r in enumerate(pool.imap(_compile_job, range(len(_JOBS)), chunksize=1))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compile processes")
     ap.add_argument("--root", help="import dqfast's kernels from this checkout instead of this one")
     ap.add_argument("--check", action="store_true", help="exit 1 when a criterion is unmet")
+    ap.add_argument("--list", action="store_true", help="list the compiles (scenario, kernel, config); compile nothing")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     a = ap.parse_args(argv)
 
     _prepare_environment()
@@ -738,7 +755,11 @@ def main(argv: list[str] | None = None) -> int:
     launches = capture(selected)
     if a.kernel:
         launches = [x for x in launches if a.kernel in x.kernel or a.kernel in x.scenario]
-    rows = compile_all(launches, jobs=a.jobs)
+    if a.list:
+        for r in compile_all(launches, list_only=True):
+            print(f"{r['scenario']} | {r['kernel']} | {r['config']}{' (pruned)' if r['pruned'] else ''}")
+        return 0
+    rows = compile_all(launches, jobs=a.jobs, verbose=not a.quiet)
     elapsed = time.perf_counter() - t0
     source = f"Kernels from `{Path(a.root).name}`." if a.root else ""
     text = markdown(rows, source)
