@@ -1,0 +1,181 @@
+"""The variable-rate CAE (GDN, mean-scale hyperprior, gain ladder) and its bitstreams, on a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dqfast.codec import CodecError, decode, encode
+from dqfast.codec import cae_hyper_codec as hc
+from dqfast.data import TrainingMix, color_augment, dead_leaves
+from dqfast.models import create
+from dqfast.models.cae_hyper import GDN, HyperpriorCAE, gaussian_mass
+
+
+@pytest.fixture(scope="module")
+def model() -> HyperpriorCAE:
+    torch.manual_seed(0)
+    m = create("cae-hyper-tiny")
+    # Spread the gains a little so the levels code at clearly different rates.
+    with torch.no_grad():
+        m.latent_log_gains.copy_(torch.linspace(-1.0, 1.5, m.levels)[:, None].repeat(1, m.latent_channels))
+    return m.eval()
+
+
+def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(3, 1, 1, generator=g)
+    ramp = torch.linspace(0, 1, w)[None, None, :] * torch.rand(3, 1, 1, generator=g)
+    return (0.3 * base + 0.5 * ramp + 0.2 * torch.rand(3, h, w, generator=g)).clamp(0, 1)
+
+
+def test_gdn_matches_formula_and_inverts_at_init():
+    torch.manual_seed(1)
+    gdn, igdn = GDN(5), GDN(5, inverse=True)
+    with torch.no_grad():
+        gdn.gamma.add_(0.05 * torch.rand(5, 5))
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    gdn, igdn = gdn.double(), igdn.double()
+    gamma = gdn.gamma.clamp_min(0) ** 2
+    beta = gdn.beta.clamp_min(1e-3) ** 2
+    norm = beta[None, :, None, None] + torch.einsum("ij,bjhw->bihw", gamma, x * x)
+    torch.testing.assert_close(gdn(x), x / norm.sqrt())
+    torch.testing.assert_close(igdn(x), x * torch.sqrt(1 + 0.1 * x * x))
+
+
+def test_gaussian_mass_is_a_distribution():
+    scale = torch.tensor([0.11, 0.5, 3.0, 40.0], dtype=torch.float64)
+    k = torch.arange(-400, 401, dtype=torch.float64)[:, None]
+    total = gaussian_mass(k, scale).sum(0)
+    torch.testing.assert_close(total, torch.ones(4, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_forward_shapes_and_gradients(model):
+    model.train()
+    try:
+        x = _image(40, 56)[None].repeat(2, 1, 1, 1).requires_grad_()
+        out = model(x, torch.tensor([1.0, 2.5]))
+        assert out.reconstruction.shape == x.shape
+        assert out.bits.shape == (2,) and (out.bits > 0).all() and (out.bits_side < out.bits).all()
+        loss, logs = model.training_step({"image": x.detach()})
+        loss.backward()
+        assert math.isfinite(logs["loss"]) and logs["bpp"] > 0
+        for name, p in model.named_parameters():
+            if name.startswith("hyper_prior.mixture") or name.endswith("log_gains"):
+                continue
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def test_gains_interpolate_between_levels(model):
+    g1, _ = model.gains(1.0, 1, torch.device("cpu"))
+    g2, _ = model.gains(2.0, 1, torch.device("cpu"))
+    g15, _ = model.gains(1.5, 1, torch.device("cpu"))
+    torch.testing.assert_close(g15.log(), (g1.log() + g2.log()) / 2)
+    gl, _ = model.gains(float(model.levels), 1, torch.device("cpu"))
+    torch.testing.assert_close(gl[0, :, 0, 0], model.latent_log_gains[-1].exp())
+
+
+@pytest.mark.parametrize("size", [(37, 53), (64, 64), (1, 1), (70, 9)])
+@pytest.mark.parametrize("quality", [1.0, 2.3, 3.0])
+def test_codec_round_trip_is_exact(model, size, quality):
+    """The decoder recovers exactly the encoder's symbols, so its image equals the model's own decode."""
+    x = _image(*size, seed=size[0])
+    result = encode(model, x, quality=quality, name="tiny")
+    image, header = decode(result.data, model, name="tiny")
+    assert image.shape == x.shape and header.setting == quality
+    with torch.no_grad():
+        z, symbols, _ = model.compress_symbols(x[None], quality)
+        expected = model.decompress_symbols(z, symbols, quality, size)[0]
+    torch.testing.assert_close(image, expected, atol=1e-6, rtol=0)
+    assert result.bpp > 0 and result.estimated_bpp > 0
+
+
+def test_rate_rises_with_quality(model):
+    x = _image(96, 80, seed=3)
+    rates = [encode(model, x, quality=q, name="t").bpp for q in (1.0, 2.0, 3.0)]
+    assert rates[0] < rates[1] < rates[2]
+
+
+@pytest.mark.parametrize("quality", [0.5, 0.0, -1.0, 3.5, math.nan, math.inf, 1e308])
+def test_quality_out_of_ladder_is_refused(model, quality):
+    with pytest.raises(ValueError, match="quality must lie in"):
+        encode(model, _image(16, 16), quality=quality, name="t")
+
+
+def test_corrupted_and_foreign_files_are_refused(model):
+    data = bytearray(encode(model, _image(32, 48), quality=2.0, name="t").data)
+    with pytest.raises(CodecError):
+        decode(bytes(data[:-9]), model, name="t")
+    other = create("cae-hyper-tiny")
+    with pytest.raises(CodecError, match="weights|model"):
+        decode(bytes(data), other, name="t")
+
+
+def test_tiled_transforms_match_whole_image(model, monkeypatch):
+    """Large images run the transforms by tiles with a halo: same symbols and image as one pass here."""
+    x = _image(200, 136, seed=5)
+    whole = encode(model, x, quality=2.0, name="t")
+    monkeypatch.setattr(hc, "TILED_ABOVE", 64 * 64)
+    monkeypatch.setattr(hc, "TILE", 64)
+    tiled = encode(model, x, quality=2.0, name="t")
+    assert tiled.data == whole.data
+    image_tiled, _ = decode(tiled.data, model, name="t")
+    monkeypatch.setattr(hc, "TILED_ABOVE", 10**9)
+    image_whole, _ = decode(whole.data, model, name="t")
+    torch.testing.assert_close(image_tiled, image_whole, atol=1e-5, rtol=0)
+
+
+def test_grouped_coder_escapes_and_detects_truncation():
+    rng = np.random.default_rng(0)
+    levels = rng.integers(0, len(hc.SCALE_LEVELS), 500)
+    values = np.round(rng.normal(0, hc.SCALE_LEVELS[levels])).astype(np.int64)
+    values[:3] = [10**6, -(10**7), 2**31 - 1]  # far outside every table: escaped
+    words = hc._encode_grouped(values, levels)
+    np.testing.assert_array_equal(hc._decode_grouped(words, levels), values)
+    with pytest.raises(CodecError):
+        hc._decode_grouped(words[: len(words) // 2], levels)
+    with pytest.raises(CodecError):
+        hc._decode_grouped(np.zeros(0, np.uint32), levels)
+
+
+def test_dead_leaves_is_seeded_and_covers_the_gamut():
+    a = dead_leaves(96, np.random.default_rng(7))
+    b = dead_leaves(96, np.random.default_rng(7))
+    assert a.dtype == np.uint8 and a.shape == (96, 96, 3)
+    np.testing.assert_array_equal(a, b)
+    many = np.concatenate([dead_leaves(64, np.random.default_rng(s)).reshape(-1, 3) for s in range(6)])
+    spread = many.astype(np.float64)
+    saturation = spread.max(1) - spread.min(1)
+    assert saturation.max() > 200 and saturation.min() < 30, "saturated and grey colours both occur"
+    assert len(np.unique(many // 32, axis=0)) > 100, "colours spread over the RGB cube"
+
+
+def test_color_augment_keeps_greys_grey_and_changes_hue():
+    rng = np.random.default_rng(0)
+    grey = np.full((4, 4, 3), 128, np.uint8)
+    np.testing.assert_array_equal(color_augment(grey, rng), grey)
+    red = np.zeros((4, 4, 3), np.uint8)
+    red[..., 0] = 255
+    outs = {tuple(color_augment(red, np.random.default_rng(s))[0, 0]) for s in range(20)}
+    assert len(outs) > 5
+
+
+def test_training_mix_items_and_resumable_randomness():
+    photos = [np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)]
+    ds = TrainingMix(photos, 32, crops_per_photo=3, synthetic_items=4, synthetic_pool=2, synthetic_size=48)
+    assert len(ds) == 7
+    torch.manual_seed(3)
+    first = [ds[i]["image"] for i in range(len(ds))]
+    torch.manual_seed(3)
+    again = [ds[i]["image"] for i in range(len(ds))]
+    for a, b in zip(first, again):
+        assert a.shape == (3, 32, 32) and a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="crop_size"):
+        TrainingMix(photos, 4)
