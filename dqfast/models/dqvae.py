@@ -36,6 +36,7 @@ from dqfast.types import C2FTokens
 __all__ = ["DQVAE", "DQVAEOutput", "DQTokens", "EntropyRouter", "region_entropy"]
 
 ROUTERS = ("feature", "entropy")
+ROUTER_TAPS = ("after_quant_conv", "before_quant_conv")
 
 # ITU-R BT.601 luma weights: the gray level the entropy router measures.
 _LUMA = (0.299, 0.587, 0.114)
@@ -434,6 +435,12 @@ class DQVAE(nn.Module):
             target for the fraction of regions per grain (finest first).
         entropy_thresholds, entropy_bins: entropy router settings (see :class:`EntropyRouter`).
         train_budget: exact per-image budget used by :meth:`training_step` (None: the router decides).
+        loss_reduction, budget_loss, gate_gradient: the quantizer's conventions (see
+            :class:`dqfast.nn.DynamicQuantizer`); ``"official"`` reproduces the released code.
+        router_tap: where the feature router reads the encoder's maps: ``"after_quant_conv"``
+            (default: the maps being quantized) or ``"before_quant_conv"`` (the released DQ-VAE: the
+            raw encoder maps, so the router's gradients reach the encoder without passing through
+            the 1x1 conv; the forward is the same function of its inputs).
         l1_weight, ssim_weight: reconstruction loss weights (``ssim_weight * (1 - (MS-)SSIM)``).
 
     ``forward(x, budget=None)`` -> :class:`DQVAEOutput`; ``encode`` -> :class:`DQTokens`;
@@ -468,11 +475,18 @@ class DQVAE(nn.Module):
         train_budget: float | Sequence[float] | None = None,
         l1_weight: float = 1.0,
         ssim_weight: float = 1.0,
+        loss_reduction: str = "coded",
+        budget_loss: str = "mse",
+        gate_gradient: str = "chosen",
+        router_tap: str = "after_quant_conv",
     ):
         super().__init__()
         ch_mult = tuple(ch_mult)
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        if router_tap not in ROUTER_TAPS:
+            raise ValueError(f"router_tap must be one of {ROUTER_TAPS}, got {router_tap!r}")
+        self.router_tap = router_tap
         if num_grains < 2 or num_grains > len(ch_mult):
             raise ValueError(f"num_grains must lie in [2, len(ch_mult) = {len(ch_mult)}], got {num_grains}")
         if resolution % 2 ** (len(ch_mult) - 1):
@@ -515,6 +529,10 @@ class DQVAE(nn.Module):
                 budget_target=budget_target,
                 budget_weight=budget_weight,
                 gumbel_tau=gumbel_tau,
+                loss_reduction=loss_reduction,
+                budget_loss=budget_loss,
+                gate_gradient=gate_gradient,
+                router_channels=z_channels if router_tap == "before_quant_conv" else None,
             )
             self.entropy_router = None
         else:
@@ -549,10 +567,16 @@ class DQVAE(nn.Module):
         """(K, embed_dim) the shared codebook."""
         return self.quantizer.codebook if self.quantizer is not None else self.entropy_codebook
 
-    def _quantize(self, x: torch.Tensor, maps: list[torch.Tensor], budget):
+    def _encode_maps(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """(the maps to quantize, after quant_conv; the maps the router reads, None: the same)."""
+        raw = self.encoder(x)
+        maps = [self.quant_conv(f) for f in raw]
+        return maps, raw if self.router_tap == "before_quant_conv" and self.quantizer is not None else None
+
+    def _quantize(self, x: torch.Tensor, maps: list[torch.Tensor], budget, router_maps=None):
         """-> (quantized (B, D, Hf, Wf), indices, grain, n_codes, quant_loss, budget_loss, scores)."""
         if self.quantizer is not None:
-            q = self.quantizer(maps, budget=budget)
+            q = self.quantizer(maps, budget=budget, router_features=router_maps)
             return q.quantized, q.indices, q.grain, q.n_codes, q.loss, q.budget_loss, q.router_logits
         grain, scores = self.entropy_router(x, maps[0].shape[-2:], budget)
         codebook = self.entropy_codebook.to(maps[0].dtype)
@@ -575,8 +599,10 @@ class DQVAE(nn.Module):
         """x: (B, 3, R, R) in [0, 1]. budget: None, or the exact per-image fraction of regions per
         grain (G = 2: fine fraction; G > 2: G - 1 fractions, finest first)."""
         self._check_images(x)
-        maps = [self.quant_conv(f) for f in self.encoder(x)]
-        quantized, indices, grain, n_codes, quant_loss, budget_loss, scores = self._quantize(x, maps, budget)
+        maps, router_maps = self._encode_maps(x)
+        quantized, indices, grain, n_codes, quant_loss, budget_loss, scores = self._quantize(
+            x, maps, budget, router_maps
+        )
         return DQVAEOutput(self.decode_latent(quantized), indices, grain, n_codes, quant_loss, budget_loss, scores)
 
     def _mode_dependent(self) -> list[nn.Module]:
@@ -612,8 +638,8 @@ class DQVAE(nn.Module):
         codebook update) whatever the module's mode, and restores the mode after."""
         self._check_images(x)
         with self._eval_mode():
-            maps = [self.quant_conv(f) for f in self.encoder(x)]
-            _, indices, grain, n_codes, *_ = self._quantize(x, maps, budget)
+            maps, router_maps = self._encode_maps(x)
+            _, indices, grain, n_codes, *_ = self._quantize(x, maps, budget, router_maps)
         return DQTokens(indices, grain, n_codes)
 
     def decode(self, tokens: DQTokens | C2FTokens) -> torch.Tensor:

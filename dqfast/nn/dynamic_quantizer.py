@@ -15,7 +15,17 @@ from torch import nn
 
 from dqfast.reference.vector_quantize import METRICS, NORMALIZE_EPS
 
-__all__ = ["DynamicQuantizer", "DynamicQuantizerOutput", "GranularityRouter"]
+__all__ = ["DynamicQuantizer", "DynamicQuantizerOutput", "GranularityRouter", "LOSS_REDUCTIONS", "BUDGET_LOSSES"]
+
+# "coded": squared errors summed over the coded vectors (a coarse region counted once) / (N_codes * D).
+# "official": the released code's mean over all finest cells, coarse cells weighted 1/4 (B * Hf * Wf * D).
+LOSS_REDUCTIONS = ("coded", "official")
+# "mse": budget_weight * mean over grains of (fraction - target)^2.
+# "official": the released BudgetConstraint_RatioMSE_DualGrain, 2 * budget_weight * (ratio - target)^2.
+BUDGET_LOSSES = ("mse", "official")
+# "chosen": only the chosen grain's gate entry gets a gradient (dqfast.dynamic_quantize's gate).
+# "official": the released merge sum_g gate_g * up(features_g): every entry gets one (two grains).
+GATE_GRADIENTS = ("chosen", "official")
 
 
 class DynamicQuantizerOutput(NamedTuple):
@@ -23,9 +33,10 @@ class DynamicQuantizerOutput(NamedTuple):
 
     quantized: (B, dim, Hf, Wf) codes broadcast to the finest grid, straight-through to the features.
     indices: (B, Hf, Wf) int64; grain: (B, H, W) int64; n_codes: (B,) int64 codes per image.
-    loss: () quantization loss (beta * commitment + codebook term; commitment only with EMA).
+    loss: () quantization loss (beta * commitment + codebook term; commitment only with EMA), reduced
+        as ``loss_reduction`` says.
     router_logits: (B, H, W, G) the router's scores, coarsest grain first.
-    budget_loss: () ``budget_weight * MSE(grain fractions, budget_target)``, 0 without a target.
+    budget_loss: () the budget term (see ``budget_loss`` of :class:`DynamicQuantizer`), 0 without a target.
     """
 
     quantized: torch.Tensor
@@ -90,6 +101,20 @@ class DynamicQuantizer(nn.Module):
             fine regions; G > 2: G - 1 fractions, finest first), pulled by ``budget_weight * MSE``.
         budget_weight: weight of that MSE.
         gumbel_tau: temperature of the hard Gumbel-softmax gate used in training.
+        loss_reduction: ``"coded"`` (default): the squared errors of the coded vectors (every region
+            once) divided by N_codes * D, so the weight does not change with the fine ratio;
+            ``"official"``: the released code's mean over all B * Hf * Wf * D finest-cell entries
+            with coarse cells weighted 1/4, i.e. the default times N_codes / (B * Hf * Wf); with EMA
+            it also keeps the (gradient-free) codebook term in the value, as the released code does.
+        budget_loss: ``"mse"`` (default): ``budget_weight * MSE(fractions, targets)``;
+            ``"official"`` (two grains): ``2 * budget_weight * (ratio - target)^2``, the released
+            ``BudgetConstraint_RatioMSE_DualGrain`` (its fine-ratio and coarse-ratio terms).
+        gate_gradient: ``"chosen"`` (default): in training, the hard gate's chosen entry gets the
+            gradient ``<dL/dv, v>`` (dqfast.dynamic_quantize); ``"official"`` (two grains): the
+            released code merges ``gate_coarse * up(coarse) + gate_fine * fine`` at every fine cell,
+            so the other entry gets a gradient too (same forward; the router's gradient differs).
+        router_channels: channels of the maps the router reads when they are not the quantized
+            ones (``forward(..., router_features=...)``); default ``in_channels``.
 
     Grains: ``forward(features, budget=f)`` meets the budget exactly in every image (top regions by
     router score); otherwise training samples a hard Gumbel-softmax gate (straight-through, so the
@@ -116,6 +141,10 @@ class DynamicQuantizer(nn.Module):
         budget_target: float | Sequence[float] | None = None,
         budget_weight: float = 10.0,
         gumbel_tau: float = 1.0,
+        loss_reduction: str = "coded",
+        budget_loss: str = "mse",
+        gate_gradient: str = "chosen",
+        router_channels: int | None = None,
     ):
         super().__init__()
         for name, value in (("dim", dim), ("codebook_size", codebook_size), ("num_grains", num_grains)):
@@ -131,6 +160,18 @@ class DynamicQuantizer(nn.Module):
             raise ValueError(f"decay must lie in (0, 1), got {decay}")
         if gumbel_tau <= 0:
             raise ValueError(f"gumbel_tau must be > 0, got {gumbel_tau}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        if budget_loss not in BUDGET_LOSSES:
+            raise ValueError(f"budget_loss must be one of {BUDGET_LOSSES}, got {budget_loss!r}")
+        if gate_gradient not in GATE_GRADIENTS:
+            raise ValueError(f"gate_gradient must be one of {GATE_GRADIENTS}, got {gate_gradient!r}")
+        if gate_gradient == "official" and num_grains != 2:
+            raise ValueError(
+                f"gate_gradient='official' is the released dual-grain merge (num_grains 2), got {num_grains}"
+            )
+        if budget_loss == "official" and num_grains != 2:
+            raise ValueError(f"budget_loss='official' is the released dual-grain loss (num_grains 2), got {num_grains}")
         in_channels = dim if in_channels is None else in_channels
 
         self.dim, self.codebook_size, self.num_grains = dim, codebook_size, num_grains
@@ -139,8 +180,10 @@ class DynamicQuantizer(nn.Module):
         self.restart_dead, self.dead_threshold = restart_dead, float(dead_threshold)
         self.budget_target = None if budget_target is None else self._check_target(budget_target)
         self.budget_weight, self.gumbel_tau = float(budget_weight), float(gumbel_tau)
+        self.loss_reduction, self.budget_loss_kind, self.gate_gradient = loss_reduction, budget_loss, gate_gradient
 
-        self.router = GranularityRouter(in_channels, num_grains, router_hidden)
+        router_channels = in_channels if router_channels is None else router_channels
+        self.router = GranularityRouter(router_channels, num_grains, router_hidden)
         self.project = nn.Conv2d(in_channels, dim, 1) if in_channels != dim else nn.Identity()
 
         # VQGAN's initialisation: small codes, pulled to the data by the losses or the EMA.
@@ -163,18 +206,26 @@ class DynamicQuantizer(nn.Module):
             raise ValueError(f"budget_target fractions must lie in [0, 1] and sum to at most 1, got {target!r}")
         return fractions
 
-    def forward(self, features: Sequence[torch.Tensor], budget=None) -> DynamicQuantizerOutput:
+    def forward(
+        self, features: Sequence[torch.Tensor], budget=None, router_features: Sequence[torch.Tensor] | None = None
+    ) -> DynamicQuantizerOutput:
         """features: G maps (B, in_channels, H * 2**g, W * 2**g), coarsest first.
 
         budget: None, or the exact per-image fraction(s) of regions per grain (see
         ``dqfast.dynamic_quantize``); with a budget the router's scores rank the regions and the
         quantizer passes no gradient to the router.
+        router_features: G maps the router reads instead of ``features`` (e.g. the maps before a
+            1x1 projection, as in the released DQ-VAE); same grids, ``router_channels`` channels.
         """
         from dqfast import ops
 
         if isinstance(features, torch.Tensor) or len(features) != self.num_grains:
             raise ValueError(f"features must be a list of {self.num_grains} maps, coarsest first")
-        router_logits = self.router(features)
+        if router_features is not None and (
+            isinstance(router_features, torch.Tensor) or len(router_features) != self.num_grains
+        ):
+            raise ValueError(f"router_features must be a list of {self.num_grains} maps, coarsest first")
+        router_logits = self.router(features if router_features is None else router_features)
         maps = [self.project(f) for f in features]
 
         # A copy, in the maps' dtype: under autocast the maps may be half precision while the
@@ -189,12 +240,18 @@ class DynamicQuantizer(nn.Module):
             )
         elif self.training:
             gate = F.gumbel_softmax(router_logits, tau=self.gumbel_tau, hard=True, dim=-1).to(maps[0].dtype)
-            out = ops.dynamic_quantize(maps, codebook, gate=gate, metric=self.metric, beta=self.beta)
+            coded = self._official_merge(maps, gate) if self.gate_gradient == "official" else maps
+            out = ops.dynamic_quantize(coded, codebook, gate=gate, metric=self.metric, beta=self.beta)
         else:
             out = ops.dynamic_quantize(maps, codebook, router_logits=router_logits, metric=self.metric, beta=self.beta)
 
         loss = out.loss
-        if self.ema:
+        if self.loss_reduction == "official":
+            # The op divides by N_codes * D; the released code by B * Hf * Wf * D (coarse cells at 1/4,
+            # so the numerators agree). It keeps the EMA codebook term's value too.
+            B, _, Hf, Wf = out.quantized.shape
+            loss = loss * (out.n_codes.sum().to(loss.dtype) / (B * Hf * Wf))
+        elif self.ema:
             # The op's loss is (beta + 1) * E in value, and the codebook term (E) carries no gradient
             # here since the codebook is a buffer; removing its value leaves beta * commitment.
             loss = loss - loss.detach() / (1.0 + self.beta)
@@ -207,8 +264,26 @@ class DynamicQuantizer(nn.Module):
             out.quantized, out.indices, out.grain, loss, out.n_codes, router_logits, budget_loss
         )
 
+    @staticmethod
+    def _official_merge(maps: Sequence[torch.Tensor], gate: torch.Tensor) -> list[torch.Tensor]:
+        """The maps with the released merge's gate gradient added, values unchanged.
+
+        The released code quantizes ``gate_c * up(coarse) + gate_f * fine`` at every fine cell. Its
+        value is the chosen map; the other gate entry receives ``<dL/dcell, other map>``. Adding
+        ``(gate_f - sg(gate_f)) * avgpool(fine)`` to the coarse map and ``(gate_c - sg(gate_c)) *
+        up(coarse)`` to the fine map (both 0 in value) gives those gradients through the op, whose
+        coded vector is ``gate[chosen] * map``: a coarse region's one vector stands for its 4
+        cells at weight 1/4, hence the mean of the fine cells.
+        """
+        coarse, fine = maps
+        g = rearrange(gate - gate.detach(), "b h w g -> b g h w").to(coarse.dtype)
+        merged_coarse = coarse + g[:, 1:] * F.avg_pool2d(fine, 2)
+        merged_fine = fine + repeat(g[:, :1] * coarse, "b c h w -> b c (h 2) (w 2)")
+        return [merged_coarse, merged_fine]
+
     def _budget_loss(self, gate: torch.Tensor | None, grain: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """budget_weight * mean over grains g > 0 of (fraction of regions at g - target)^2.
+        """budget_weight * mean over grains g > 0 of (fraction of regions at g - target)^2; with
+        ``budget_loss="official"`` 2 * budget_weight * (fine ratio - target)^2.
 
         The fractions are averaged over the batch (as in DQ-VAE) from the gate when training with
         one (so the router gets the gradient), else from the hard grains.
@@ -218,6 +293,9 @@ class DynamicQuantizer(nn.Module):
         choice = gate if gate is not None else F.one_hot(grain, self.num_grains).to(like.dtype)
         fractions = choice.mean((0, 1, 2)).flip(0)[: self.num_grains - 1]  # finest first
         target = torch.tensor(self.budget_target, dtype=fractions.dtype, device=fractions.device)
+        if self.budget_loss_kind == "official":
+            # The released loss adds the same MSE for the coarse ratio, 1 - r against 1 - t.
+            return self.budget_weight * (F.mse_loss(fractions, target) + F.mse_loss(1 - fractions, 1 - target))
         return self.budget_weight * F.mse_loss(fractions, target)
 
     def _coded_vectors(
