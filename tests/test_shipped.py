@@ -358,10 +358,12 @@ def test_generator_beats_untrained_and_code_prior_on_held_out_tokens(models):
 
 
 def test_codec_demo_rows_and_figure(tmp_path):
-    from dqfast.codec.demo import BUDGETS, format_rows, run_codec_demo
+    from dqfast.codec.demo import BUDGETS, QUALITIES, format_rows, run_codec_demo
 
     rows = run_codec_demo(tmp_path, image=HELD_OUT[0], crop=128)
-    assert [r["model"] for r in rows] == ["dqvae-small"] * len(BUDGETS) + ["cae-small", "cae-small-hq"]
+    assert [r["model"] for r in rows] == ["dqvae-small"] * len(BUDGETS) + ["cae-small"] * len(QUALITIES)
+    cae = [r for r in rows if r["model"] == "cae-small"]
+    assert [r["bytes"] for r in cae] == sorted(r["bytes"] for r in cae), "the ladder spends more at higher quality"
     for r in rows:
         assert r["bpp"] == pytest.approx(r["bytes"] * 8 / (128 * 128))
         assert 5.0 < r["psnr"] < 60.0 and 5.0 < r["jpeg_psnr"] < 60.0

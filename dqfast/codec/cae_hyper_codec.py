@@ -17,7 +17,7 @@ machine whose float convolutions round differently can pick another level for a 
 level boundary, which the tables' CRC in the header cannot see — as with every learned codec that
 predicts its probabilities with a network).
 
-Rate control: ``quality`` in [1, L] picks (and interpolates) the model's ladder of gains; it is
+Rate control: ``quality`` in [0.5, L] picks (and interpolates) the model's ladder of gains; it is
 stored in the header. Large images run the analysis and synthesis transforms tile by tile with a
 halo (:mod:`dqfast.codec.tiling`), so their memory is bounded by the tile, not the image.
 """
@@ -98,8 +98,8 @@ def _quality(model: nn.Module, quality: float | None) -> float:
     if isinstance(q, bool) or not isinstance(q, int | float):
         raise TypeError(f"quality must be a number, got {type(quality).__name__}")
     q = float(q)
-    if not math.isfinite(q) or not 1.0 <= q <= model.levels:
-        raise ValueError(f"quality must lie in [1, {model.levels}] for this model, got {quality!r}")
+    if not math.isfinite(q) or not model.min_quality <= q <= model.levels:
+        raise ValueError(f"quality must lie in [{model.min_quality:g}, {model.levels}] for this model, got {quality!r}")
     return q
 
 
@@ -107,7 +107,7 @@ def _hyper_gain64(model: nn.Module, q: float) -> torch.Tensor:
     """(N,) float64 side-information gains at quality q (the float64 twin of ``model.gains``)."""
     table = model.hyper_log_gains.detach().cpu().double()
     t = q - 1.0
-    low = min(int(math.floor(t)), model.levels - 1)
+    low = min(max(int(math.floor(t)), 0), max(model.levels - 2, 0))
     high = min(low + 1, model.levels - 1)
     frac = t - low
     return (table[low] * (1 - frac) + table[high] * frac).exp()
@@ -283,8 +283,10 @@ def decode_hyper_symbols(
     """(z symbols (N, hz, wz), residuals (M, h, w), quality) of a parsed file, for a checked model."""
     m, h, w, n, hz, wz = _check_layout(header, model)
     q = header.setting
-    if not (math.isfinite(q) and 1.0 <= q <= model.levels):
-        raise CodecError(f"corrupted file: quality {q} is outside this model's ladder [1, {model.levels}]")
+    if not (math.isfinite(q) and model.min_quality <= q <= model.levels):
+        raise CodecError(
+            f"corrupted file: quality {q} is outside this model's ladder [{model.min_quality:g}, {model.levels}]"
+        )
     if len(streams) != 2:
         raise CodecError("corrupted file: a variable-rate CAE file has two streams")
     z_tables, _, z_lo = _side_tables(model, q)

@@ -2,7 +2,8 @@
 
 :func:`run_codec_demo` compresses a held-out image of :mod:`dqfast.sample_data` (never seen in
 training) through the real bitstream (:func:`dqfast.codec.encode` / :func:`dqfast.codec.decode`)
-with the shipped DQ-VAE at two code budgets and the shipped compressive autoencoders, and for each
+with the shipped DQ-VAE at two code budgets and the shipped variable-rate compressive autoencoder
+at three points of its rate ladder, and for each
 file reports its bpp (whole file, header included), the PSNR of the 8-bit reconstruction, and the
 PSNR of a JPEG of the same image at the same bpp. It writes ``codec_demo.png``: the original, every
 reconstruction, and the DQ-VAE's grain map (read back from the bitstream) over the image.
@@ -22,10 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["DQ_MODEL", "CAE_MODELS", "BUDGETS", "run_codec_demo", "format_rows", "main"]
+__all__ = ["DQ_MODEL", "CAE_MODEL", "QUALITIES", "BUDGETS", "run_codec_demo", "format_rows", "main"]
 
 DQ_MODEL = "dqvae-small"
-CAE_MODELS = ("cae-small", "cae-small-hq")
+CAE_MODEL = "cae-small"
+# Points of the CAE's rate ladder shown: low, middle and high rate.
+QUALITIES = (1.0, 3.0, 5.0)
 BUDGETS = (0.25, 0.75)
 
 
@@ -132,7 +135,8 @@ def run_codec_demo(
     runs: list[tuple[str, torch.nn.Module, dict]] = []
     dq = _load(DQ_MODEL)
     runs += [(DQ_MODEL, dq, {"budget": b}) for b in BUDGETS]
-    runs += [(name, _load(name), {}) for name in CAE_MODELS]
+    cae = _load(CAE_MODEL)
+    runs += [(CAE_MODEL, cae, {"quality": q}) for q in QUALITIES]
 
     rows, panels = [], []
     fine = None
@@ -146,7 +150,7 @@ def run_codec_demo(
             decode_s = time.perf_counter() - start
             recon = to_uint8(decoded)
             jpeg_bpp, jpeg_psnr, quality = _jpeg_match(pixels, result.bpp)
-            setting = f"budget {rate['budget']:g}" if "budget" in rate else "trained rate"
+            setting = f"budget {rate['budget']:g}" if "budget" in rate else f"quality {rate['quality']:g}"
             row = dict(
                 model=name,
                 setting=setting,

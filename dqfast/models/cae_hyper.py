@@ -16,11 +16,12 @@ size:
   The latents are multiplied by the gain before rounding and divided after; the entropy model's
   means and scales are multiplied by the same gain, which is exact (if ``y ~ N(mu, s²)`` then
   ``g·y ~ N(g·mu, (g·s)²)``), so one hyperprior serves every rate. Between two levels the log-gains
-  are interpolated linearly, which gives a continuous ``quality`` in [1, len(lmbdas)].
+  are interpolated linearly, which gives a continuous ``quality`` in [1, len(lmbdas)]; below 1 (down
+  to :data:`QUALITY_MIN`) they are extrapolated along the ladder's first step, for lower rates still.
 
 Conventions: images are (B, 3, H, W) in [0, 1]; sides are padded at the bottom/right (edge
 replication) to multiples of 32 (at least 64) and the output cropped back; ``quality`` is a float
-(or a (B,) tensor) in [1, L], 1 the lowest rate. Training draws one ladder level per image and
+(or a (B,) tensor) in [QUALITY_MIN, L], 1 the lowest trained rate. Training draws one ladder level per image and
 minimises ``bpp + lmbda[level] · 255² · MSE`` (CompressAI's scale, so λ values carry over).
 """
 
@@ -38,10 +39,12 @@ from dqfast.models.cae import GaussianScaleMixture, _normal_cdf, clip_ste, round
 from dqfast.models.registry import register
 from dqfast.nn import SubPixelConv2d
 
-__all__ = ["GDN", "HyperpriorCAE", "HyperCAEOutput", "LADDER", "SCALE_MIN"]
+__all__ = ["GDN", "HyperpriorCAE", "HyperCAEOutput", "LADDER", "QUALITY_MIN", "SCALE_MIN"]
 
 # CompressAI's λ for its quality levels 1..7 (MSE models): about 0.1 to 1.5 bpp on Kodak.
 LADDER = (0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932)
+# Lowest quality: half a ladder step below level 1, the gains extrapolated (a model of one level: 1).
+QUALITY_MIN = 0.5
 # Smallest scale of a latent's Gaussian (in symbol units): narrower laws gain nothing after rounding.
 SCALE_MIN = 0.11
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -206,17 +209,23 @@ class HyperpriorCAE(nn.Module):
             x = F.pad(x, (0, pw - w, 0, ph - h), mode="replicate")
         return x
 
+    @property
+    def min_quality(self) -> float:
+        """The lowest quality accepted: :data:`QUALITY_MIN` (1 for a model of a single level)."""
+        return QUALITY_MIN if self.levels > 1 else 1.0
+
     def check_quality(self, quality) -> None:
-        """Raise ValueError unless ``quality`` is a finite number (or tensor) in [1, levels]."""
+        """Raise ValueError unless ``quality`` is a finite number (or tensor) in [min_quality, levels]."""
         q = torch.as_tensor(quality, dtype=torch.float64)
-        if not torch.isfinite(q).all() or (q < 1).any() or (q > self.levels).any():
-            raise ValueError(f"quality must lie in [1, {self.levels}], got {quality!r}")
+        if not torch.isfinite(q).all() or (q < self.min_quality).any() or (q > self.levels).any():
+            raise ValueError(f"quality must lie in [{self.min_quality:g}, {self.levels}], got {quality!r}")
 
     def gains(self, quality, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, M, 1, 1) latent gains and (B, N, 1, 1) side-information gains at ``quality`` (float or (B,))."""
         q = torch.as_tensor(quality, dtype=torch.float32, device=device).reshape(-1)
         q = (q.expand(batch) if q.numel() == 1 else q) - 1.0
-        low = q.floor().clamp(0, self.levels - 1).long()
+        # The segment [low, low + 1] holding q; below level 1 the first segment, extrapolated (t < 0).
+        low = q.floor().clamp(0, max(self.levels - 2, 0)).long()
         high = (low + 1).clamp_max(self.levels - 1)
         t = (q - low.float())[:, None]
 
