@@ -74,6 +74,9 @@ class ImageFolder(Dataset):
     torch's global RNG (per-worker seeded by the DataLoader). Evaluation: the center crop.
     Images smaller than the crop are first mirror-padded (reflected as often as needed) up to it.
     ``crop_size=None`` returns whole images (batch them one at a time).
+
+    Decoded images are kept in memory (up to ``cache_bytes`` in all, 2 GiB by default; 0 turns it
+    off) so a random crop does not decode a whole file again; each DataLoader worker keeps its own.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class ImageFolder(Dataset):
         *,
         train: bool = True,
         with_labels: bool = False,
+        cache_bytes: int = 2 << 30,
     ):
         if crop_size is not None and crop_size < 1:
             raise ValueError(f"crop_size must be a positive int or None, got {crop_size}")
@@ -91,6 +95,9 @@ class ImageFolder(Dataset):
         self.crop_size = crop_size
         self.train = train
         self.with_labels = with_labels
+        self.cache_bytes = cache_bytes
+        self._cache: dict[int, np.ndarray] = {}
+        self._cached_bytes = 0
         top = [p.relative_to(self.root).parts for p in self.files]
         self.classes = sorted({parts[0] for parts in top if len(parts) > 1})
         if with_labels:
@@ -120,8 +127,17 @@ class ImageFolder(Dataset):
             top, left = (h - c) // 2, (w - c) // 2
         return array[top : top + c, left : left + c]
 
+    def _array(self, index: int) -> np.ndarray:
+        array = self._cache.get(index)
+        if array is None:
+            array = _read_rgb(self.files[index])
+            if self._cached_bytes + array.nbytes <= self.cache_bytes:
+                self._cache[index] = array
+                self._cached_bytes += array.nbytes
+        return array
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        array = _read_rgb(self.files[index])
+        array = self._array(index)
         if self.crop_size is not None:
             array = self._crop(array)
         if self.train and torch.rand(()).item() < 0.5:

@@ -190,3 +190,23 @@ def test_quality_below_one_extrapolates_the_first_step(model):
     low, one = encode(model, x, quality=0.5, name="t"), encode(model, x, quality=1.0, name="t")
     assert low.bpp < one.bpp
     assert decode(low.data, model, name="t")[1].setting == 0.5
+
+
+def test_image_folder_decodes_each_file_once(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from dqfast import data
+
+    for i in range(2):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    calls = []
+    real = data._read_rgb
+    monkeypatch.setattr(data, "_read_rgb", lambda p: calls.append(p) or real(p))
+    ds = data.ImageFolder(tmp_path, 8)
+    for _ in range(3):
+        for i in range(len(ds)):
+            assert ds[i]["image"].shape == (3, 8, 8)
+    assert len(calls) == 2
+    uncached = data.ImageFolder(tmp_path, 8, cache_bytes=0)
+    uncached[0], uncached[0]
+    assert len(calls) == 4
