@@ -93,6 +93,9 @@ class C2FLayout:
         if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
+        self._set(sizes, lengths, mode)
+
+    def _set(self, sizes: tuple[int, ...], lengths: torch.Tensor, mode: str) -> None:
         self.segment_sizes: tuple[int, ...] = sizes
         self.lengths: torch.Tensor = lengths
         self.mode: str = mode
@@ -104,6 +107,13 @@ class C2FLayout:
             offsets.append(start)
             start += size
         self.offsets: tuple[int, ...] = tuple(offsets)
+
+    @classmethod
+    def _unchecked(cls, segment_sizes: Sequence[int], lengths: torch.Tensor, mode: str) -> C2FLayout:
+        """A layout from parts already checked (by an earlier constructor call): no host sync."""
+        layout = cls.__new__(cls)
+        layout._set(tuple(int(s) for s in segment_sizes), lengths, mode)
+        return layout
 
     @classmethod
     def dq_transformer(

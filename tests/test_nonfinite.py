@@ -22,19 +22,6 @@ from tests.helpers import CAN_RUN_KERNELS, KERNEL_DEVICE
 
 FILLS = [math.nan, math.inf, -math.inf]
 
-# The kernels' nearest-code score is ||c||^2 - 2 z.c (||z||^2 dropped, as it is constant per
-# row): with a -inf entry in a vector, codes whose entry there is negative score -inf and win,
-# where the spec (true distance +inf or NaN for every code) gives index 0.
-_KERNEL_NEG_INF_VECTOR = (
-    "kernel drops ||z||^2 from the search score, so a -inf entry in a vector scores some codes -inf "
-    "(spec: every distance is +inf/NaN, index 0)"
-)
-
-
-def _xfail_kernel_neg_inf(request, path: str, fill: float) -> None:
-    if path == "triton" and fill == -math.inf:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_KERNEL_NEG_INF_VECTOR))
-
 
 def _backends(op: str, *args, **kwargs) -> None:
     """Skip unless the current backend can serve this call (the reason says why not)."""
@@ -187,9 +174,7 @@ def test_vector_quantize_non_finite_codebook_rows_are_never_chosen(path, metric,
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("fill", FILLS)
-def test_vector_quantize_non_finite_vectors_get_code_zero(request, path, metric, fill):
-    if metric == "l2":
-        _xfail_kernel_neg_inf(request, path, fill)
+def test_vector_quantize_non_finite_vectors_get_code_zero(path, metric, fill):
     device = _device(path)
     z, codebook = _vq_inputs(device)
     z[2] = fill
@@ -230,8 +215,7 @@ def test_vector_quantize_all_nan_codebook_gives_index_zero(path, metric):
 
 
 @pytest.mark.parametrize("fill", FILLS)
-def test_dynamic_quantize_non_finite_codes_and_features(request, path, fill):
-    _xfail_kernel_neg_inf(request, path, fill)
+def test_dynamic_quantize_non_finite_codes_and_features(path, fill):
     device = _device(path)
     B, D, H, W, K = 2, 5, 2, 3, 9
     g = torch.Generator().manual_seed(5)
