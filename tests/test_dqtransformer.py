@@ -356,3 +356,67 @@ def test_bad_input():
         model.generate(2, grain=torch.zeros(1, GRID, GRID, dtype=torch.int64))
     with pytest.raises(ValueError, match="batch_size"):
         model.generate(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampling fast path
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cached_decode_steps_equal_the_forward_pass():
+    """The KV-cache steps (straight on the weights, shared additive mask) give the forward pass's
+    hidden states at every real index of a teacher-forced sequence, pads in the middle included."""
+    from dqfast.models.dqtransformer import _CachedStreams
+
+    seed(30)
+    model = tiny(num_classes=2).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    tokens = random_tokens(3, seed(31), fine_fraction=0.5)
+    labels = torch.tensor([0, 1, 2])
+    seq = model.sequence(tokens)
+    with torch.no_grad():
+        h_ref, c_ref = model._streams(seq, labels)
+        valid = torch.cat([seq.layout.key_valid(), torch.zeros(3, 1, dtype=torch.bool)], 1)
+        streams = _CachedStreams(model, 3, labels, valid)
+        real = seq.layout.key_valid()
+        for t in range(model.seq_len):
+            h = streams.position(t, seq.content[:, t], seq.position[:, t])
+            c = streams.content(t, h, seq.next_position[:, t])
+            rows = real[:, t]
+            torch.testing.assert_close(h[rows], h_ref[rows, t], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(c[rows], c_ref[rows, t], atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_uses_one_thread_for_small_models_and_restores_state():
+    model = tiny().train()
+    seen = []
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # Both paths look the index embeddings up inside generate.
+        model.index_embedding.register_forward_pre_hook(lambda m, a: seen.append((torch.get_num_threads(), m.training)))
+        model.generate(2, generator=seed(32), progress=True)
+        assert seen and set(seen) == {(1, False)}  # one thread, eval mode (no dropout)
+        assert torch.get_num_threads() == 2 and model.training  # both restored
+        big = tiny(width=288, num_heads=2)  # above SMALL_WIDTH
+        big.index_embedding.register_forward_pre_hook(lambda m, a: seen.append((torch.get_num_threads(), m.training)))
+        seen.clear()
+        big.generate(1, generator=seed(33), budget=0.0)
+        assert {threads for threads, _ in seen} == {2}
+    finally:
+        torch.set_num_threads(original)
+
+
+def test_layouts_cache_their_mask():
+    from dqfast.nn.c2f_attention import CachedC2FLayout
+
+    lengths = torch.tensor([[3, 2], [1, 0]])
+    plain = dqfast.C2FLayout((4, 3), lengths)
+    cached = CachedC2FLayout.of(plain)
+    assert isinstance(cached, dqfast.C2FLayout) and CachedC2FLayout.of(cached) is cached
+    assert torch.equal(cached.dense_mask(), plain.dense_mask())
+    assert torch.equal(cached.key_valid(), plain.key_valid())
+    assert cached.dense_mask() is cached.dense_mask()  # built once
+    assert cached.to("cpu") is cached
