@@ -5,12 +5,18 @@ feeds it batches, steps Adam, logs and checkpoints. ``--out`` then holds:
 
 - ``config.json``: the model kind, preset name and configuration overrides (enough to rebuild it),
   plus the training arguments;
-- ``model.safetensors``: the weights (no pickle: loading cannot run code);
-- ``train_state.pt``: step, optimizer, RNG and schedule state, read with ``weights_only=True``;
+- ``checkpoint.pt``: the checkpoint, one file: weights, step, optimizer, RNG and schedule state,
+  read with ``weights_only=True``. Written to a uniquely named temporary file, fsynced, renamed
+  over the old one in one step and the folder fsynced: a kill at any moment leaves either the old
+  or the new checkpoint, never half of one or a mix of two steps;
+- ``model.safetensors``: the same weights for shipping and :func:`load_trained` (no pickle:
+  loading cannot run code), exported atomically after each checkpoint; ``--resume`` never reads it;
 - ``log.jsonl``: one JSON object per logged step (step, lr, every value the model logs).
 
-``--resume`` continues from them; with ``--workers 0`` the resumed run is bit-identical to an
-uninterrupted one on the CPU (data order, crops and optimizer state are all restored).
+``--resume`` continues from the checkpoint and first truncates ``log.jsonl`` to the checkpoint's
+step (entries of a killed run after it would otherwise appear twice); with ``--workers 0`` the
+resumed run is bit-identical to an uninterrupted one on the CPU (data order, crops and optimizer
+state are all restored). A damaged checkpoint is refused with a one-line reason.
 Launched by ``torchrun`` (WORLD_SIZE > 1) it runs DistributedDataParallel: one process per device,
 a DistributedSampler, ``--batch-size`` per process, logs averaged over processes, rank 0 writes.
 
@@ -22,11 +28,17 @@ DQ-Transformer training reads images, turns them into coarse-to-fine tokens with
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import hashlib
+import inspect
+import io
 import json
 import math
 import os
 import random
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -37,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["KINDS", "PlateauDetector", "add_arguments", "load_trained", "run"]
+__all__ = ["KINDS", "PlateauDetector", "add_arguments", "load_trained", "read_checkpoint", "run"]
 
 KINDS = ("cae", "dqvae", "dqtransformer")
 # Adam betas per model: CAE the Adam defaults; DQ-VAE (0.5, 0.9) as in the paper; the
@@ -52,8 +64,20 @@ SKIMAGE_TRAIN = "skimage:train"
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-STATE_FILE = "train_state.pt"
+STATE_FILE = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
+CHECKPOINT_FORMAT = 1
+# checkpoint.pt = magic, sha256 of the payload, payload (a torch.save archive): a flipped byte
+# anywhere is caught before anything is loaded (torch's zip reader does not check its CRCs).
+CHECKPOINT_MAGIC = b"DQFCKPT\x01"
+# Training memory is refused up front when its estimate exceeds this share of the memory available.
+MEMORY_SHARE = 0.9
+# The module (prefix) each training kind's models come from: ``train cae --model dqvae-tiny`` is refused.
+KIND_MODULES = {
+    "cae": "dqfast.models.cae",
+    "dqvae": "dqfast.models.dqvae",
+    "dqtransformer": "dqfast.models.dqtransformer",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +218,81 @@ def _build(preset: str, overrides: dict) -> nn.Module:
 
     if preset not in available():
         raise ValueError(f"unknown model preset {preset!r}; available: {available()}")
-    return create(preset, **overrides)
+    try:
+        return create(preset, **overrides)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        keys = sorted(inspect.signature(type(create(preset)).__init__).parameters.keys() - {"self", "args", "kwargs"})
+        unknown = sorted(k for k in overrides if k not in keys)
+        what = ", ".join(unknown) or str(e)
+        raise ValueError(
+            f"--set {what}: not a configuration key of preset {preset!r}; keys: {', '.join(keys)}"
+        ) from None
+
+
+def _check_kind(kind: str, preset: str, model: nn.Module) -> None:
+    module = type(model).__module__
+    if not module.startswith(KIND_MODULES[kind]):
+        made = next((k for k, m in KIND_MODULES.items() if module.startswith(m)), type(model).__name__)
+        raise ValueError(f"train {kind}: preset {preset!r} is a {made} model, not a {kind} one")
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes free for training on ``device``: CUDA's free memory, else MemAvailable (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _activation_bytes_per_pixel(model: nn.Module, side: int) -> float:
+    """Bytes that every module output of one forward pass holds per input pixel (a training step keeps
+    them for the backward pass), measured on one ``side`` x ``side`` image."""
+    total = 0
+
+    def count(_module, _inputs, output):
+        nonlocal total
+        for t in output if isinstance(output, tuple | list) else (output,):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            model.training_step({"image": torch.rand(1, 3, side, side, device=next(model.parameters()).device)})
+    finally:
+        for h in hooks:
+            h.remove()
+    return total / side**2
+
+
+def _check_memory(args: argparse.Namespace, model: nn.Module, device: torch.device, crop: int) -> None:
+    """Refuse a crop and batch whose activations cannot fit (estimated from a small probe pass)."""
+    pixels = args.batch_size * crop * crop
+    if pixels <= 16 * 256 * 256:  # the usual sizes: not worth a probe
+        return
+    available = _available_memory(device)
+    if available is None:
+        return
+    side = getattr(model, "resolution", None) or 64
+    state = model.training
+    try:
+        per_pixel = _activation_bytes_per_pixel(model, side)
+    except Exception:  # noqa: BLE001  (a model that cannot take the probe batch reports its own error later)
+        return
+    finally:
+        model.train(state)
+    need = per_pixel * pixels + 3 * 4 * pixels
+    if need > MEMORY_SHARE * available:
+        raise ValueError(
+            f"--crop {crop} with --batch-size {args.batch_size} needs about {need / 2**30:.1f} GiB for one step, "
+            f"more than the {available / 2**30:.1f} GiB available on {device}: use a smaller --crop or --batch-size"
+        )
 
 
 def load_trained(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -235,10 +333,30 @@ def _load_tokenizer(spec: str, device: torch.device) -> nn.Module:
 
 
 def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary file and rename, so an interrupted save never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    """Write ``path`` so a kill at any moment leaves the old file or the new one, whole.
+
+    ``write(tmp_path)`` fills a uniquely named temporary file in the same folder; it is fsynced,
+    renamed over ``path`` in one step, and the folder is fsynced so the rename itself is durable.
+    """
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def _rng_state() -> dict:
@@ -272,20 +390,95 @@ def _numpy_state_from_lists(state: list) -> tuple:
 
 
 def _save_checkpoint(out: Path, model: nn.Module, optimizer, step: int, epoch: int, epoch_batches: int, plateau):
-    from safetensors.torch import save_model
-
-    _write_atomic(out / WEIGHTS_FILE, lambda p: save_model(model, str(p)))
     rng = _rng_state()
     rng["numpy"] = _numpy_state_to_lists(rng["numpy"])
     state = {
+        "format": CHECKPOINT_FORMAT,
         "step": step,
         "epoch": epoch,
         "epoch_batches": epoch_batches,
+        "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": rng,
         "plateau": plateau.state_dict() if plateau is not None else None,
     }
-    _write_atomic(out / STATE_FILE, lambda p: torch.save(state, p))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    blob = CHECKPOINT_MAGIC + hashlib.sha256(payload).digest() + payload
+    _write_atomic(out / STATE_FILE, lambda p: p.write_bytes(blob))
+    _export_weights(out, model)
+
+
+def _export_weights(out: Path, model: nn.Module) -> None:
+    from safetensors.torch import save_model
+
+    _write_atomic(out / WEIGHTS_FILE, lambda p: save_model(model, str(p)))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint dict in ``path`` (step, epoch, epoch_batches, model, optimizer, rng, plateau).
+
+    ValueError, one line, for anything but an intact checkpoint: a wrong magic, a sha256 mismatch
+    (a flipped or missing byte), an archive torch cannot read, a missing or ill-typed field.
+    """
+    hint = f"cannot resume from {path}"
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{hint}: {e.strerror or e}") from None
+    head = len(CHECKPOINT_MAGIC) + 32
+    if len(blob) < head or not blob.startswith(CHECKPOINT_MAGIC):
+        raise ValueError(f"{hint}: not a dqfast checkpoint (empty, cut short or another format)")
+    payload = blob[head:]
+    if hashlib.sha256(payload).digest() != blob[len(CHECKPOINT_MAGIC) : head]:
+        raise ValueError(f"{hint}: the file is damaged (sha256 mismatch)")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (zip, pickle and unpickler errors of every kind)
+        raise ValueError(f"{hint}: the file is damaged or not a dqfast checkpoint ({_one_line(e)})") from None
+    required = {"step": int, "epoch": int, "epoch_batches": int, "model": dict, "optimizer": dict, "rng": dict}
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{hint}: not a dqfast checkpoint of format {CHECKPOINT_FORMAT}")
+    for key, kind in required.items():
+        if not isinstance(state.get(key), kind) or (kind is int and state[key] < 0):
+            raise ValueError(f"{hint}: the checkpoint's {key!r} is missing or invalid")
+    return state
+
+
+def _load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
+    """Load ``path`` into ``model`` and ``optimizer``; returns the checkpoint (ValueError if damaged)."""
+    hint = f"cannot resume from {path}"
+    state = read_checkpoint(path)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{hint}: its weights do not fit the model ({_one_line(e)})") from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise ValueError(f"{hint}: its optimizer state does not fit the model ({_one_line(e)})") from None
+    return state
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log entries up to ``step`` (a killed run may have logged past its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    _write_atomic(path, lambda p: p.write_text("".join(kept)))
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,19 +621,40 @@ def run(args: argparse.Namespace) -> dict:
         return _train(args, device, rank, world)
     finally:
         if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+            _shutdown_process_group()
+
+
+def _shutdown_process_group() -> None:
+    """Tear the process group down only once every rank is done with it.
+
+    Without the barrier a rank that finishes first destroys its gloo context while a peer still
+    sends or waits (the last log all-reduce, rank 0 still writing the final checkpoint): the peer's
+    gloo threads then die mid-operation, and the process aborts at exit ("terminate called without
+    an active exception", SIGABRT). A failing barrier (this rank unwinding an exception with the
+    group unusable) is ignored.
+    """
+    # DistributedDataParallel keeps the process group alive through reference cycles: collect it
+    # now, or the group is destroyed during interpreter shutdown, after its threads were torn down.
+    gc.collect()
+    with contextlib.suppress(Exception):
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _train(args: argparse.Namespace, device: torch.device, rank: int, world: int) -> dict:
 
     out = Path(args.out)
-    has_checkpoint = (out / STATE_FILE).is_file() and (out / WEIGHTS_FILE).is_file()
+    has_checkpoint = (out / STATE_FILE).exists()  # a damaged one (even a folder) is refused by the resume
     if has_checkpoint and not args.resume:
         raise ValueError(f"{str(out)!r} already holds a checkpoint: pass --resume to continue it, or another --out")
     resuming = args.resume and has_checkpoint
 
     if resuming:
-        config = json.loads((out / CONFIG_FILE).read_text())
+        try:
+            config = json.loads((out / CONFIG_FILE).read_text())
+            config["kind"], config["preset"], config["overrides"]  # noqa: B018  (all three must be there)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot resume from {str(out)!r}: {CONFIG_FILE} is missing or damaged ({e})") from None
         if config["kind"] != args.kind:
             raise ValueError(f"{str(out)!r} holds a {config['kind']} run, not a {args.kind} one")
         preset, overrides = config["preset"], config["overrides"]
@@ -454,6 +668,7 @@ def _train(args: argparse.Namespace, device: torch.device, rank: int, world: int
     model = _build(preset, overrides).to(device)
     if not callable(getattr(model, "training_step", None)):
         raise TypeError(f"preset {preset!r} builds a {type(model).__name__}, which has no training_step(batch)")
+    _check_kind(args.kind, preset, model)
     if (
         args.kind == "cae"
         and not callable(getattr(model, "compress_symbols", None))
@@ -470,6 +685,7 @@ def _train(args: argparse.Namespace, device: torch.device, rank: int, world: int
     sized = tokenizer if tokenizer is not None else model
     image_size = getattr(sized, "image_size", None) or getattr(sized, "resolution", None)
     crop = args.crop or image_size or DEFAULT_CROP[args.kind]
+    _check_memory(args, model, device, crop)
     with_labels = args.kind == "dqtransformer" and bool(getattr(model, "num_classes", 0))
     dataset = _dataset(args, crop, with_labels)
     sampler = _ResumableSampler(dataset, world, rank, args.seed)
@@ -491,19 +707,18 @@ def _train(args: argparse.Namespace, device: torch.device, rank: int, world: int
 
     step, epoch, epoch_batches = 0, 0, 0
     if resuming:
-        from safetensors.torch import load_model
-
-        load_model(model, str(out / WEIGHTS_FILE), strict=True, device=str(device))
-        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        state = _load_checkpoint(out / STATE_FILE, model, optimizer)
         step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
         if plateau is not None and state["plateau"] is not None:
             plateau.load_state_dict(state["plateau"])
         lr_dropped = any(g["lr"] < g["initial_lr"] for g in optimizer.param_groups if "initial_lr" in g)
         if rank == 0:
-            rng = dict(state["rng"])
-            rng["numpy"] = _numpy_state_from_lists(rng["numpy"])
-            _set_rng_state(rng)
+            try:
+                rng = dict(state["rng"])
+                rng["numpy"] = _numpy_state_from_lists(rng["numpy"])
+                _set_rng_state(rng)
+            except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+                raise ValueError(f"cannot resume from {out / STATE_FILE}: its RNG state is damaged ({e})") from None
         else:
             torch.manual_seed(args.seed + rank + 1_000_003 * step)
     for group in optimizer.param_groups:
@@ -511,6 +726,10 @@ def _train(args: argparse.Namespace, device: torch.device, rank: int, world: int
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        # Drop log entries past the checkpoint (all of them without one): a killed run wrote them.
+        _truncate_log(out / LOG_FILE, step)
+        if resuming:
+            _export_weights(out, model)  # a kill may have come between the checkpoint and this export
         if not resuming:
             config = {"kind": args.kind, "preset": preset, "overrides": overrides, "args": _args_record(args)}
             _write_atomic(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))

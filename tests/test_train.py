@@ -150,7 +150,7 @@ def test_run_writes_checkpoint_config_and_log(data_dir, tmp_path):
     assert records[-1]["loss"] == final["loss"]
     config = json.loads((out / train.CONFIG_FILE).read_text())
     assert config["kind"] == "cae" and config["preset"] == "cae-tiny"
-    state = torch.load(out / train.STATE_FILE, weights_only=True)
+    state = train.read_checkpoint(out / train.STATE_FILE)
     assert state["step"] == 4
     # Without --incremental every coefficient trains from the start.
     assert torch.equal(load_file(out / train.WEIGHTS_FILE)["mask"], torch.ones(8))
@@ -164,7 +164,7 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     final = train.run(_args(data_dir, split, "--steps", "7", "--resume"))
     assert final["step"] == 7
     assert [r["step"] for r in _log(split)] == [2, 3, 4, 6, 7]
-    assert torch.load(split / train.STATE_FILE, weights_only=True)["step"] == 7
+    assert train.read_checkpoint(split / train.STATE_FILE)["step"] == 7
     a, b = load_file(straight / train.WEIGHTS_FILE), load_file(split / train.WEIGHTS_FILE)
     assert a.keys() == b.keys()
     for key in a:
@@ -297,7 +297,7 @@ def test_distributed_two_processes(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = _log(out)
     assert [r["step"] for r in records] == [1, 2, 3], "one log line per step: only rank 0 writes"
-    state = torch.load(out / train.STATE_FILE, weights_only=True)
+    state = train.read_checkpoint(out / train.STATE_FILE)
     assert state["step"] == 3
     model = train.load_trained(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
