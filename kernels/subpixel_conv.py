@@ -9,20 +9,41 @@ of pixel ``(h, w)`` straight to ``out[:, c, r * h + a, r * w + b]``: the ``Cout 
 never touches memory. The store address splits into a per-pixel part plus a per-channel part,
 which is why the shuffle costs nothing.
 
-Backward (``SubPixelConv2dFunction``):
-- the gradient w.r.t. the conv output is read in place from the shuffled ``grad_out`` through
-  strides (no ``pixel_unshuffle`` copy) when there is no activation;
+Operand layouts (what lets the GEMM loads run as pipelined ``cp.async`` copies feeding wgmma):
+every GEMM operand is read as runs along its contiguous channel axis. ``x`` is read channels-last
+(element (b, h, w, c) with unit channel stride) and the weight with Cin innermost, so each pixel
+row of the A tile and each output-channel column of the B tile is one contiguous run of the
+reduction axis; padding only moves (reflect, replicate) or masks (zeros) whole rows. Read through
+NCHW strides instead, the pixel axis is not provably contiguous (div/mod and reflect indexing) and
+every element is a scalar 16-bit load into one shared-memory stage. The launchers choose per call:
+a channels_last ``x`` or weight is used in place; an NCHW one is copied to channels-last first.
+That copy reads and writes ``x`` once (2 |x| bytes; at the codec 96 -> 128 * 4 headline layer about
+a third of the kernel's own x + out traffic), which a channels_last network never pays: the output
+keeps x's memory format. ``fold_phase_weights`` lays the phase weight out Cin-innermost already.
+Row alignment comes from Triton's specialisation of integer arguments divisible by 16 (channel
+counts that are multiples of 16, as in every benchmark layer, give 16-byte vector copies; other
+counts are still correct with narrower loads).
+
+Backward (``SubPixelConv2dFunction``): both GEMMs run along the conv output channels, so the
+gradient w.r.t. the conv output is laid out as a (B*H*W, N) matrix with N innermost and rows
+padded to a multiple of 16 with zeros:
+- without an activation it is ``pixel_unshuffle(grad_out)`` (one copy; both GEMMs then read it
+  as contiguous rows instead of gathering it element by element);
 - with an activation, one kernel recomputes the pre-activation tile (the forward GEMM again) and
-  writes ``grad_out * act'(pre)`` as a (B*H*W, N) matrix. Recomputing instead of saving the
+  writes ``grad_out * act'(pre)`` into that matrix. Recomputing instead of saving the
   pre-activation in the forward keeps the forward's HBM traffic at x + weight + out (saving would
   write a second output-sized tensor, doubling the writes of a memory-bound forward) and keeps
   nothing output-sized alive between forward and backward;
 - ``grad_x`` is the transposed convolution (implicit GEMM over pixels x Cin reducing over
-  ``N * k * k``). With reflect / replicate padding it is computed on the padded grid and folded
-  back onto the source pixels with ``index_add_`` (each padded position is a copy of one pixel);
+  ``N * k * k``; the weight repacked as (k * k, Cin, N) so its tiles are runs of N). With reflect /
+  replicate padding it is computed on the padded grid and folded back onto the source pixels with
+  ``index_add_`` (each padded position is a copy of one pixel);
 - ``grad_weight`` (and ``grad_bias``) reduce over pixels with ``tl.dot``; the pixel axis is split
   across programs that ``atomic_add`` their fp32 partial sums, because ``N * Cin * k * k`` tiles
   alone do not fill a GPU when the weight is small.
+
+Pixel indices are split into (b, h, w) in int32 (``B * H * W`` must stay below 2**31, checked);
+every memory offset is int64.
 
 Resize-conv folding (``subpixel_conv2d_folded``): ``conv3x3(nearest_upsample_x2(x))`` is a sub-pixel
 convolution whose output phase (a, b) reads only a 2x2 low-res neighbourhood. The phase-aware
@@ -644,6 +665,25 @@ def _channels_innermost(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return t.permute(order).contiguous().permute(inverse)
 
 
+# The kernels split pixel indices in int32; the padded grid of grad_x is the largest they index.
+_MAX_PIXELS = 2**31 - 1
+
+
+def _too_many_pixels(x_shape: tuple[int, ...], pad: int) -> str | None:
+    """Why (B, Cin, H, W) with this padding exceeds the kernels' int32 pixel indices, or None."""
+    B, _, H, W = x_shape
+    pixels = B * (H + 2 * pad) * (W + 2 * pad)
+    if pixels > _MAX_PIXELS:
+        return f"B * (H + 2 * pad) * (W + 2 * pad) = {pixels} pixels exceeds the kernel's int32 pixel index (2**31 - 1)"
+    return None
+
+
+def _check_pixels(x: torch.Tensor, pad: int) -> None:
+    why = _too_many_pixels(tuple(x.shape), pad)
+    if why is not None:
+        raise ValueError(f"x of shape {tuple(x.shape)}: {why}")
+
+
 def _round_up(n: int, multiple: int) -> int:
     return triton.cdiv(n, multiple) * multiple
 
@@ -675,6 +715,7 @@ def subpixel_conv2d_fwd(
     M = B * H * W
     if out.numel() == 0:
         return out
+    _check_pixels(x, k // 2)
     xl, wl = _channels_innermost(x), _channels_innermost(weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _subpixel_conv2d_fwd_kernel[grid](
@@ -709,6 +750,7 @@ def subpixel_conv2d_folded_fwd(
     M = B * H * W
     if out.numel() == 0:
         return out
+    _check_pixels(x, 1)
     xl, wl = _channels_innermost(x), _channels_innermost(phase_weight, dim=2)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]), 4)
     _subpixel_conv2d_folded_fwd_kernel[grid](
@@ -771,6 +813,7 @@ def subpixel_conv2d_bwd(
             torch.zeros_like(bias) if need_b else None,
         )
 
+    _check_pixels(x, pad)
     # Both backward GEMMs reduce over or run along the conv channels, so the gradient w.r.t. the
     # conv output is laid out (pixels, N) with N innermost, rows padded to np_ elements (zeros).
     np_ = _round_up(n, _ROW_ALIGN)
@@ -945,6 +988,8 @@ def subpixel_conv2d_reasons(
     if padding_mode == "reflect" and x.dim() == 4 and weight.dim() == 4:
         if weight.shape[-1] // 2 >= min(x.shape[2], x.shape[3]):
             why.append("reflect padding needs H and W larger than k // 2")
+    if x.dim() == 4 and weight.dim() == 4 and (big := _too_many_pixels(tuple(x.shape), weight.shape[-1] // 2)):
+        why.append(big)
     return why
 
 
@@ -1080,4 +1125,6 @@ def upsample_conv2d_reasons(
         why.append("bfloat16 is not supported by the Triton CPU interpreter")
     if activation not in ACTIVATIONS:
         why.append(f"activation {activation!r} is not one of {ACTIVATIONS}")
+    if x.dim() == 4 and (big := _too_many_pixels(tuple(x.shape), 1)):
+        why.append(big)
     return why

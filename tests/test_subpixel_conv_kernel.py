@@ -156,6 +156,48 @@ def test_only_input_grad_and_empty_batch():
     assert gx.shape == empty.shape and torch.equal(gw, torch.zeros_like(wg))
 
 
+def test_channels_last_weight_and_grad_out():
+    """A channels_last weight is read in place (Cin innermost), a channels_last grad_out is unshuffled."""
+    case = (1, 16, 5, 6, 3, 2, 3, "zeros", None, True)
+    x, w, b, go = _inputs(case)
+    cl = dict(memory_format=torch.channels_last)
+    _parity(case, torch.float32, x=x.to(**cl), w=w.to(**cl), go=go.to(**cl))
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 0, 6), (2, 5, 4, 0)], ids=["H0", "W0"])
+def test_empty_spatial(shape):
+    """H or W = 0: empty outputs of the right shape and zero gradients, for both kernels."""
+    from dqfast.kernels.subpixel_conv import fold_phase_weights, subpixel_conv2d_folded
+
+    B, cin, H, W = shape
+    seed(1)
+    x = torch.zeros(shape, device=KERNEL_DEVICE, requires_grad=True)
+    w = randn(8, cin, 3, 3).to(KERNEL_DEVICE).requires_grad_()
+    b = randn(8).to(KERNEL_DEVICE).requires_grad_()
+    out = _kernel(x, w, b, upscale=2, padding_mode="replicate", activation="gelu")
+    assert out.shape == (B, 2, 2 * H, 2 * W)
+    gx, gw, gb = torch.autograd.grad(out.sum(), [x, w, b])
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+    out = subpixel_conv2d_folded(x, fold_phase_weights(w), b, padding_mode="zeros")
+    assert out.shape == (B, 8, 2 * H, 2 * W)
+    gx, gw, gb = torch.autograd.grad(out.sum(), [x, w, b])
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+
+def test_pixel_limit_is_a_reason():
+    """Pixel indices are int32 in the kernels: a grid past 2**31 pixels is refused with a reason."""
+    from dqfast.kernels.subpixel_conv import subpixel_conv2d_reasons, upsample_conv2d_reasons
+
+    x = torch.empty(2, 1, 40000, 30000, device="meta")
+    w = torch.empty(4, 1, 3, 3, device="meta")
+    assert any("2**31" in r for r in subpixel_conv2d_reasons(x, w, upscale=2))
+    assert any("2**31" in r for r in upsample_conv2d_reasons(x, w))
+    assert subpixel_conv2d_reasons(x[:, :, :1000], w, upscale=2) == []
+
+
 # ----------------------------------------------------------------------------------------------
 # Dispatch: explain / BackendUnavailable
 # ----------------------------------------------------------------------------------------------
@@ -232,6 +274,22 @@ def test_fold_phase_weights_matches_reference_fold():
     w = randn(5, 3, 3, 3, dtype=torch.float64)
     dense, _ = ref.fold_upsample_conv(w, None, scale=2, padding_mode="zeros")
     assert torch.equal(phase_weights_to_dense(fold_phase_weights(w)), dense)
+
+
+def test_folded_phase_weight_layouts():
+    """fold_phase_weights lays Cin innermost (read in place); a contiguous phase weight is repacked."""
+    from dqfast.kernels.subpixel_conv import fold_phase_weights, subpixel_conv2d_folded
+
+    seed(6)
+    x, w, b = randn(1, 6, 5, 4), randn(7, 6, 3, 3, scale=6**-1), randn(7)
+    phase = fold_phase_weights(w)
+    assert phase.stride(2) == 1
+    exact = _resize_conv(x.double(), w.double(), b.double(), padding_mode="replicate")
+    for pw in (phase, phase.contiguous()):
+        out = subpixel_conv2d_folded(
+            x.to(KERNEL_DEVICE), pw.to(KERNEL_DEVICE), b.to(KERNEL_DEVICE), padding_mode="replicate"
+        )
+        torch.testing.assert_close(out.double().cpu(), exact, **FP32_TOL)
 
 
 def test_folded_refuses_reflect():
