@@ -3,6 +3,7 @@
 Attention providers, all on the same layout:
 - ``dqfast``: the Triton kernel through the public op (backend "triton");
 - ``reference``: the pure-PyTorch reference (dense scores, fp32);
+- ``fast``: the pure-torch fast path (SDPA over the packed real tokens), what serves CPU calls;
 - ``sdpa_dense``: ``F.scaled_dot_product_attention`` with the dense (B, 1, L, L) boolean mask;
 - ``flex``: compiled FlexAttention with a BlockMask built once from ``layout.mask_mod``;
 - ``sdpa_causal``: plain causal SDPA over all L positions, the upper bound (it does not skip pads).
@@ -10,6 +11,9 @@ Attention providers, all on the same layout:
 Shapes: the DQ-Transformer (width 1024, 8 heads of 128; segments 1+256+1 and 1024+1, about 128
 coarse and 512 fine codes per image, so ~640 of 1283 positions are real) at batch 16 and 64, and
 VAR-style block attention over 10 scales (1, 2, 3, 4, 5, 6, 8, 10, 13, 16 squared: L = 680).
+On a CPU: a tiny layout (L = 41) and the DQ-Transformer layout at a quarter of its capacities
+(segments 1+64+1 and 256+1, L = 323, about half real) with 8 heads of 64; the ``fast`` case
+records its ratio against ``sdpa_dense`` (``ratio_vs_peer``, timed alternately in the same run).
 FLOPs count only the allowed (query, key) pairs, identically for every provider, so TFLOP/s
 compares providers on the same useful work.
 
@@ -27,16 +31,17 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from providers import DEVICE, DQFAST, HAS_CUDA, REFERENCE, measure, require
+from providers import DEVICE, DQFAST, FAST, HAS_CUDA, REFERENCE, measure, require, side_by_side
 
 import dqfast
+from dqfast.fast import c2f_attention as fast_attention
 from dqfast.nn.c2f_attention import C2FAttention
-from dqfast.reference.c2f_attention import C2FLayout
+from dqfast.reference.c2f_attention import C2FLayout, c2f_decode_attention
 
 SDPA_DENSE = "sdpa_dense"
 FLEX = "flex"
 SDPA_CAUSAL = "sdpa_causal"
-PROVIDERS = [DQFAST, REFERENCE, SDPA_DENSE, FLEX, SDPA_CAUSAL]
+PROVIDERS = [DQFAST, REFERENCE, FAST, SDPA_DENSE, FLEX, SDPA_CAUSAL]
 
 VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -74,10 +79,13 @@ SHAPES = {
     "var_b16": Shape("var_b16", 16, 16, 64, True, _var_layout),
     # CPU-sized DQ layout: segments 1+10+1 and 28+1, L = 41.
     "cpu_tiny": Shape("cpu_tiny", 2, 2, 32, False, _dq_layout(10, 28, 5, 14)),
+    # The DQ-Transformer layout at a quarter of its capacities: segments 1+64+1 and 256+1, L = 323.
+    "cpu_dq323": Shape("cpu_dq323", 2, 8, 64, False, _dq_layout(64, 256, 32, 128)),
 }
 CASES = [(s, d) for s in ("dq_b16", "dq_b64", "var_b16") for d in ("bf16",)] + [
     ("dq_b16", "fp16"),
     ("cpu_tiny", "fp32"),
+    ("cpu_dq323", "fp32"),
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -126,6 +134,8 @@ def _attention_fn(provider: str, layout: C2FLayout, q: torch.Tensor) -> Callable
         return fn
     if provider == REFERENCE:
         return _in_backend("reference", lambda q, k, v: dqfast.c2f_attention(q, k, v, layout))
+    if provider == FAST:
+        return lambda q, k, v: fast_attention.c2f_attention(q, k, v, layout)
     if provider == SDPA_DENSE:
         # Pad queries have no allowed key (SDPA would return NaN): let them see every key, then
         # zero their rows. The mask is built once, outside the timed region.
@@ -190,6 +200,20 @@ def test_c2f_attention(benchmark, provider, shape_name, dtype_name, direction):
     allowed = int(layout.dense_mask().sum())
     flops = 4 * Dh * Hh * allowed * (1.0 if direction == "fwd" else 3.5)
     nbytes = 4 * B * Hh * L * Dh * q.element_size() * (1 if direction == "fwd" else 2)
+    versus = {}
+    if provider == FAST and not shape.gpu_only:
+        peer = _attention_fn(SDPA_DENSE, layout, q)
+        if direction == "fwd":
+
+            def run_peer():
+                with torch.no_grad():
+                    return peer(q, k, v)
+        else:
+
+            def run_peer():
+                return torch.autograd.grad(peer(q, k, v), (q, k, v), grad_out)
+
+        versus = dict(peer=SDPA_DENSE, **side_by_side(run, run_peer))
     measure(
         benchmark,
         run,
@@ -202,7 +226,48 @@ def test_c2f_attention(benchmark, provider, shape_name, dtype_name, direction):
         seq_len=L,
         valid_fraction=float(layout.key_valid().float().mean()),
         allowed_pairs=allowed,
+        **versus,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: few queries over a KV cache
+# ---------------------------------------------------------------------------------------------
+
+SDPA_MASKED = "sdpa_masked"
+# name -> (batch, heads, head_dim, queries, layout maker, gpu_only); the cache is the whole layout.
+DECODE = {
+    "dq_b16": (16, 8, 128, 1, _dq_layout(256, 1024, 128, 512), True),
+    "cpu_dq323": (4, 8, 64, 1, _dq_layout(64, 256, 32, 128), False),
+}
+
+
+@pytest.mark.parametrize("size", list(DECODE))
+@pytest.mark.parametrize("provider", [REFERENCE, FAST, SDPA_MASKED])
+def test_c2f_decode_attention(benchmark, provider, size):
+    """One decoding step at the end of the sequence: Lq new queries over the full cache."""
+    B, Hh, Dh, Lq, make_layout, gpu_only = DECODE[size]
+    require(provider, gpu_only=gpu_only)
+    benchmark.group = f"c2f_decode_attention {size}"
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    key_valid = make_layout(B, gen).key_valid().to(DEVICE)
+    Lk = key_valid.shape[1]
+    q = torch.randn(B, Hh, Lq, Dh, generator=gen).to(DEVICE, dtype)
+    k, v = (torch.randn(B, Hh, Lk, Dh, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    mask = key_valid[:, None, None, :]
+    fns = {
+        REFERENCE: lambda: c2f_decode_attention(q, k, v, key_valid),
+        FAST: lambda: fast_attention.c2f_decode_attention(q, k, v, key_valid),
+        SDPA_MASKED: lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+    }
+    fn = fns[provider]
+    with torch.inference_mode():
+        torch.testing.assert_close(fn().float(), fns[REFERENCE]().float(), atol=1e-4, rtol=1e-4)
+        versus = {}
+        if provider == FAST and not gpu_only:
+            versus = dict(peer=SDPA_MASKED, **side_by_side(fn, fns[SDPA_MASKED], rounds=20))
+        measure(benchmark, fn, provider=provider, batch=B, cache_len=Lk, queries=Lq, **versus)
 
 
 # ---------------------------------------------------------------------------------------------

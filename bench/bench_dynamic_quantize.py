@@ -4,6 +4,8 @@ Providers, grouped by shape and dtype so they line up:
 
 * ``dqfast``: the Triton kernels through the public op (backend "triton");
 * ``reference``: the pure-PyTorch reference (searches each coded vector once);
+* ``fast``: the pure-torch fast path (the reference's algorithm with the chunked addmm search),
+  what serves CPU calls; its CPU case records ``ratio_vs_peer`` against ``official``;
 * ``compiled``: torch.compile of the reference;
 * ``official``: the released DQ-VAE quantizer (:func:`official_dynamic_quantize` below): broadcast
   the coarse map 2x2 onto the fine grid, merge with the fine map by the grain mask, then search
@@ -29,13 +31,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from providers import COMPILED, DEVICE, DQFAST, REFERENCE, compiled, measure, require
+from providers import COMPILED, DEVICE, DQFAST, FAST, REFERENCE, compiled, measure, require, side_by_side
 
 import dqfast
+from dqfast.fast import vector_quantize as fast_vq
 from dqfast.reference.vector_quantize import dynamic_quantize, grain_from_budget
 
 OFFICIAL = "official"
-PROVIDERS = (DQFAST, REFERENCE, COMPILED, OFFICIAL)
+PROVIDERS = (DQFAST, REFERENCE, FAST, COMPILED, OFFICIAL)
 
 GPU_DTYPES = (torch.float32, torch.bfloat16)
 BUDGET = 0.5
@@ -70,7 +73,10 @@ class Case:
         return float((features + self.K * self.D + 4 * cells * self.D) * size + 4 * cells * 8)
 
 
-CASES = [Case(B, 16, 16, 256, 1024) for B in (8, 64)] + [Case(2, 4, 4, 16, 64, gpu_only=False)]
+CASES = [Case(B, 16, 16, 256, 1024) for B in (8, 64)] + [
+    Case(2, 4, 4, 16, 64, gpu_only=False),
+    Case(2, 16, 16, 64, 512, gpu_only=False),
+]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -132,6 +138,8 @@ def test_dynamic_quantize(benchmark, case: Case, dtype: torch.dtype, provider: s
 
     elif provider == REFERENCE:
         fn = lambda: dynamic_quantize(features, codebook, grain=grain)
+    elif provider == FAST:
+        fn = lambda: fast_vq.dynamic_quantize(features, codebook, grain=grain)
     elif provider == COMPILED:
         ref = compiled(dynamic_quantize)
         fn = lambda: ref(features, codebook, grain=grain)
@@ -139,6 +147,13 @@ def test_dynamic_quantize(benchmark, case: Case, dtype: torch.dtype, provider: s
         fn = lambda: official_dynamic_quantize(features, codebook, grain)
 
     with torch.inference_mode():
+        versus = {}
+        if provider == FAST and not case.gpu_only:
+            official = official_dynamic_quantize(features, codebook, grain)
+            assert torch.equal(fn().indices, official[1]), "fast path and official path disagree"
+            versus = dict(
+                peer=OFFICIAL, **side_by_side(fn, lambda: official_dynamic_quantize(features, codebook, grain))
+            )
         measure(
             benchmark,
             fn,
@@ -146,4 +161,5 @@ def test_dynamic_quantize(benchmark, case: Case, dtype: torch.dtype, provider: s
             nbytes=case.nbytes(dtype),
             provider=provider,
             coded_vectors=case.coded_vectors(),
+            **versus,
         )

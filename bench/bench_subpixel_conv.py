@@ -1,6 +1,8 @@
 """Timing of ``dqfast.subpixel_conv2d`` (forward) against its peers, provider x shape x dtype.
 
-Two families, each grouped by shape and dtype so the providers of one case line up:
+Two families, each grouped by shape and dtype so the providers of one case line up (plus
+``fast`` in both: the pure-torch fast path that serves CPU calls, whose CPU cases record
+``ratio_vs_peer`` against ``cudnn`` / ``upsample_conv``, the plain-torch peer):
 
 * sub-pixel conv: ``dqfast`` (Triton), ``reference`` (eager), ``compiled`` (torch.compile of the
   reference) and ``cudnn`` (F.conv2d + activation + F.pixel_shuffle, what an nn.Sequential runs);
@@ -27,9 +29,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from providers import COMPILED, DEVICE, DQFAST, REFERENCE, compiled, measure, require
+from providers import COMPILED, DEVICE, DQFAST, FAST, REFERENCE, compiled, measure, require, side_by_side
 
 import dqfast
+from dqfast.fast import subpixel_conv as fast_spc
 from dqfast.reference.subpixel_conv import fold_upsample_conv, subpixel_conv2d
 
 CUDNN = "cudnn"
@@ -89,6 +92,7 @@ SUBPIXEL_CASES = [
     *_codec_decoder(2048, 2048),
     Case("espcn_32to48_r4_1080p", 32, 3, 4, 1080 // 4, 1920 // 4),
     Case("cpu_small_16to32", 16, 8, 2, 24, 24, activation="relu", gpu_only=False),
+    Case("cpu_codec_64to12", 64, 3, 2, 48, 64, gpu_only=False),
 ]
 
 # Resize-conv: x (B, C, H, W) -> (B, C, 2H, 2W), so cin = cout = C and r is the upsampling factor.
@@ -96,6 +100,7 @@ RESIZE_CASES = [
     Case("vqgan_up_512_64x64", 512, 512, 2, 64, 64),
     Case("vqgan_up_256_128x128", 256, 256, 2, 128, 128),
     Case("cpu_small_up_16_16x16", 16, 16, 2, 16, 16, gpu_only=False),
+    Case("cpu_up_64_32x32", 64, 64, 2, 32, 32, gpu_only=False, B=2),
 ]
 
 
@@ -149,7 +154,7 @@ def _make(case: Case, dtype: torch.dtype, weight_channels: int):
     return x, w, b
 
 
-@pytest.mark.parametrize("case, dtype, provider", _params(SUBPIXEL_CASES, (DQFAST, REFERENCE, COMPILED, CUDNN)))
+@pytest.mark.parametrize("case, dtype, provider", _params(SUBPIXEL_CASES, (DQFAST, REFERENCE, FAST, COMPILED, CUDNN)))
 def test_subpixel_conv2d(benchmark, case: Case, dtype: torch.dtype, provider: str):
     require(provider, gpu_only=case.gpu_only)
     benchmark.group = f"subpixel_conv2d {case.name} {_dtype_name(dtype)}"
@@ -166,6 +171,8 @@ def test_subpixel_conv2d(benchmark, case: Case, dtype: torch.dtype, provider: st
 
     elif provider == REFERENCE:
         fn = lambda: subpixel_conv2d(x, w, b, **kw)
+    elif provider == FAST:
+        fn = lambda: fast_spc.subpixel_conv2d(x, w, b, **kw)
     elif provider == COMPILED:
         ref = compiled(subpixel_conv2d)
         fn = lambda: ref(x, w, b, **kw)
@@ -173,11 +180,17 @@ def test_subpixel_conv2d(benchmark, case: Case, dtype: torch.dtype, provider: st
         fn = lambda: F.pixel_shuffle(act(F.conv2d(x, w, b, padding=pad)), case.r)
 
     with torch.inference_mode():
-        measure(benchmark, fn, flops=case.flops(), nbytes=case.nbytes(dtype, w.numel()), provider=provider)
+        versus = {}
+        if provider == FAST and not case.gpu_only:
+            peer = lambda: F.pixel_shuffle(act(F.conv2d(x, w, b, padding=pad)), case.r)
+            torch.testing.assert_close(fn(), peer(), atol=1e-5, rtol=1e-5)
+            versus = dict(peer=CUDNN, **side_by_side(fn, peer))
+        measure(benchmark, fn, flops=case.flops(), nbytes=case.nbytes(dtype, w.numel()), provider=provider, **versus)
 
 
 @pytest.mark.parametrize(
-    "case, dtype, provider", _params(RESIZE_CASES, (DQFAST_FOLDED, DQFAST_DENSE_FOLDED, CUDNN_FOLDED, UPSAMPLE_CONV))
+    "case, dtype, provider",
+    _params(RESIZE_CASES, (DQFAST_FOLDED, DQFAST_DENSE_FOLDED, FAST, CUDNN_FOLDED, UPSAMPLE_CONV)),
 )
 def test_resize_conv(benchmark, case: Case, dtype: torch.dtype, provider: str):
     require(DQFAST if provider in (DQFAST_FOLDED, DQFAST_DENSE_FOLDED) else provider, gpu_only=case.gpu_only)
@@ -204,6 +217,9 @@ def test_resize_conv(benchmark, case: Case, dtype: torch.dtype, provider: str):
             with dqfast.use_backend("triton"):
                 return dqfast.subpixel_conv2d(x, folded_w, folded_b, upscale=case.r)
 
+    elif provider == FAST:
+        # The 2x2-tap phases with the folded weights cached across calls (inference).
+        fn = lambda: fast_spc.upsample_conv2d(x, w, b, scale=case.r)
     elif provider == CUDNN_FOLDED:
         fn = lambda: F.pixel_shuffle(F.conv2d(x, folded_w, folded_b, padding=folded_pad), case.r)
     else:
@@ -212,4 +228,9 @@ def test_resize_conv(benchmark, case: Case, dtype: torch.dtype, provider: str):
     # case.flops() is the 3x3 conv on the upsampled image (C -> C at r x the resolution), the same
     # number for every provider of the group; nbytes counts the unfolded weight.
     with torch.inference_mode():
-        measure(benchmark, fn, flops=case.flops(), nbytes=case.nbytes(dtype, w.numel()), provider=provider)
+        versus = {}
+        if provider == FAST and not case.gpu_only:
+            peer = lambda: F.conv2d(F.interpolate(x, scale_factor=case.r, mode="nearest"), w, b, padding=pad)
+            torch.testing.assert_close(fn(), peer(), atol=1e-5, rtol=1e-5)
+            versus = dict(peer=UPSAMPLE_CONV, **side_by_side(fn, peer))
+        measure(benchmark, fn, flops=case.flops(), nbytes=case.nbytes(dtype, w.numel()), provider=provider, **versus)

@@ -22,6 +22,7 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 DQFAST = "dqfast"  # the Triton kernels (backend "triton")
 REFERENCE = "reference"  # the pure-PyTorch reference, eager
 COMPILED = "compiled"  # torch.compile of the reference
+FAST = "fast"  # dqfast.fast: the pure-torch fast path that serves calls Triton cannot (CPU)
 
 # Peak throughput by device-name fragment: (dense bf16/fp16 TFLOP/s, HBM TB/s).
 _PEAKS = {
@@ -131,6 +132,31 @@ def measure(
                 info["pct_peak_hbm"] = 100 * info["gbs"] / (1e3 * info["peak_hbm_tbs"])
     benchmark.extra_info.update(info)
     return result
+
+
+def side_by_side(fn: Callable[[], object], peer: Callable[[], object], *, rounds: int = 5) -> dict:
+    """Time ``fn`` and its plain-torch ``peer`` alternately (same load for both) and compare.
+
+    Returns ``{"seconds": ..., "peer_seconds": ..., "ratio_vs_peer": peer / fn}``, each the
+    minimum over ``rounds`` alternating calls after one warm-up call of each: a ratio above 1 means
+    ``fn`` is faster. Recorded in ``extra_info`` of the fast provider's case so every CPU case
+    states its ratio against the peer measured in the same run.
+    """
+    import time
+
+    best = {"fn": float("inf"), "peer": float("inf")}
+    for i in range(rounds + 1):
+        for name, f in (("fn", fn), ("peer", peer)) if i % 2 else (("peer", peer), ("fn", fn)):
+            start = time.perf_counter()
+            f()
+            sync()
+            if i:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return {
+        "side_by_side_seconds": best["fn"],
+        "peer_seconds": best["peer"],
+        "ratio_vs_peer": best["peer"] / best["fn"],
+    }
 
 
 def compiled(fn: Callable) -> Callable:

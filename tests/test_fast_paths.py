@@ -438,6 +438,30 @@ def test_vq_never_allocates_n_by_k(monkeypatch):
     torch.testing.assert_close(out.distance, ref_vq.vector_quantize(z, codebook).distance, **FP32_TOL)
 
 
+def test_vq_codebook_table_cached_and_never_stale():
+    seed(31)
+    codebook = randn(8, 4)
+    z = randn(20, 4)
+    first = fast_vq.vector_quantize(z, codebook)
+    entry = fast_vq._TABLES[id(codebook)]
+    assert fast_vq.vector_quantize(z, codebook).indices.tolist() == first.indices.tolist()
+    assert fast_vq._TABLES[id(codebook)] is entry  # served from the cache
+    with torch.no_grad():
+        codebook[5] = z.mean(0)  # in place, as an EMA update does
+        codebook[2] = float("nan")
+    after = fast_vq.vector_quantize(z, codebook)
+    finite = [i for i in range(8) if i != 2]
+    d = brute_force(z, codebook[finite], "l2")
+    torch.testing.assert_close(after.distance.double(), d.min(1).values, **FP32_TOL)
+    assert not (after.indices == 2).any() and not torch.equal(after.indices, first.indices)
+    cosine = fast_vq.vector_quantize(z, codebook, metric="cosine")  # another table, same codebook
+    assert (cosine.distance <= 2).all() and not (cosine.indices == 2).any()
+    key = id(codebook)
+    del codebook
+    gc.collect()
+    assert key not in fast_vq._TABLES
+
+
 # ---------------------------------------------------------------------------------------------
 # dynamic_quantize and code_statistics
 # ---------------------------------------------------------------------------------------------

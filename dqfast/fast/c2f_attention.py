@@ -9,21 +9,24 @@ sequence that is often half as long (a quarter of the pairs). Mode "block" keeps
 ``seg(j') <= seg(i')``, over the packed slots. Each output position is then gathered back from its
 slot; pad positions gather from an appended zero slot, so they are exactly 0 and send no gradient.
 
-Non-finite pads: pad positions are never read (only real positions are gathered), and the empty
-slots at the end of a short sample are zeroed with ``torch.where`` after the gather, so NaN/inf in
-a pad query, key or value reaches neither an output nor a gradient.
+Non-finite pads: pad positions are never read. The empty slots at the end of a short sample
+repeat its first real token (their outputs are dropped, and finite values keep their zero
+gradient from turning into NaN in SDPA's backward); a sample with no real token at all has its
+slots zeroed with ``torch.where``. So NaN/inf in a pad query, key or value reaches neither an
+output nor a gradient.
 
 The packing indices depend only on the layout, so they are computed once per layout object (and
 device) and cached for as long as the layout lives: the layers of a model share them.
 
-Decoding (``c2f_decode_attention``): SDPA on the cache with the (B, 1, 1, Lk) validity mask. A
-masked key contributes ``exp(-inf) * v = 0 * v``, which is NaN when v is not finite, so the
-invalid cached positions are checked (a gather of only those positions) and zeroed in a copy of
-the cache only when one of them is not finite.
+Decoding (``c2f_decode_attention``): SDPA on the cache with the (B, 1, 1, Lk) validity mask (no
+mask at all when every cached position is valid). A masked key contributes
+``exp(-inf) * v = 0 * v``, which is NaN when v is not finite; the invalid cached positions are
+zeroed in a copy of the cache only when one of them is not finite (see the function).
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -40,8 +43,11 @@ class _Packing(NamedTuple):
     """Per-layout tables, all on the layout's device.
 
     gather: (B, Lr) int64, the position held by each packed slot (slot s < count[b] holds the
-        s-th real token of sample b; later slots hold position 0 and are zeroed).
+        s-th real token of sample b; later slots repeat its first real token, so they hold finite
+        values whenever the real tokens are finite).
     slot_valid: (B, Lr) bool, slot s of sample b holds a real token.
+    zero_empty: whether some sample has no real token at all: only then are its slots (which
+        hold a pad) zeroed after the gather.
     scatter: (B, L) int64, the slot of every position; pad positions point at slot Lr (a zero row).
     block_mask: (B, 1, Lr, Lr) bool for mode "block" (None for "causal"); rows of empty slots are
         all True so SDPA never sees a fully masked row (their outputs are dropped).
@@ -49,6 +55,7 @@ class _Packing(NamedTuple):
 
     gather: torch.Tensor
     slot_valid: torch.Tensor
+    zero_empty: bool
     scatter: torch.Tensor
     block_mask: torch.Tensor | None
 
@@ -69,7 +76,8 @@ def _build_packing(layout: C2FLayout, device: torch.device) -> _Packing:
     if order.shape[1] < slots:  # L == 0
         order = torch.cat([order, order.new_zeros(B, slots - order.shape[1])], 1)
     slot_valid = torch.arange(slots, device=device) < counts[:, None]
-    gather = torch.where(slot_valid, order[:, :slots], 0)
+    gather = torch.where(slot_valid, order[:, :slots], order[:, :1])
+    zero_empty = bool((counts == 0).any()) if B else False
     scatter = torch.where(valid, valid.long().cumsum(1) - 1, slots)
     block_mask = None
     if layout.mode == "block":
@@ -78,7 +86,7 @@ def _build_packing(layout: C2FLayout, device: torch.device) -> _Packing:
         block_mask = packed_seg[:, None, :] <= packed_seg[:, :, None]
         block_mask = (block_mask & slot_valid[:, None, :]) | ~slot_valid[:, :, None]
         block_mask = block_mask[:, None]
-    return _Packing(gather, slot_valid, scatter, block_mask)
+    return _Packing(gather, slot_valid, zero_empty, scatter, block_mask)
 
 
 def _key_valid(layout: C2FLayout, lengths: torch.Tensor) -> torch.Tensor:
@@ -110,11 +118,13 @@ def _zeros_from(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pack(x: torch.Tensor, packing: _Packing) -> torch.Tensor:
-    """x (B, Hh, L, Dh) -> (B, Hh, Lr, Dh), real tokens first, empty slots exactly 0."""
+    """x (B, Hh, L, Dh) -> (B, Hh, Lr, Dh), real tokens first; no slot holds a pad's value."""
     B, Hh, _, Dh = x.shape
     index = packing.gather[:, None, :, None].expand(B, Hh, -1, Dh)
     packed = x.gather(2, index) if x.shape[2] else x.new_zeros(B, Hh, index.shape[2], Dh)
-    return torch.where(packing.slot_valid[:, None, :, None], packed, 0)
+    if packing.zero_empty:
+        packed = torch.where(packing.slot_valid[:, None, :, None], packed, 0)
+    return packed
 
 
 def c2f_attention(
@@ -129,14 +139,15 @@ def c2f_attention(
     if q.numel() == 0:
         return q * 0
     packing = _packing(layout, q.device)
-    compute = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
-    qp, kp, vp = (_pack(t, packing).to(compute) for t in (q, k, v))
+    qp, kp, vp = (_pack(t, packing) for t in (q, k, v))
+    if q.dtype not in (torch.float32, torch.float64):
+        qp, kp, vp = qp.float(), kp.float(), vp.float()
     if packing.block_mask is None:
         out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale)
     else:
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=packing.block_mask, scale=scale)
     # Slot Lr is a zero row: pad positions gather it and come out exactly 0.
-    out = torch.cat([out.to(q.dtype), out.new_zeros(B, Hh, 1, Dh, dtype=q.dtype)], 2)
+    out = F.pad(out.to(q.dtype), (0, 0, 0, 1))
     return out.gather(2, packing.scatter[:, None, :, None].expand(B, Hh, L, Dh))
 
 
@@ -157,26 +168,42 @@ def c2f_decode_attention(
     Lk = k_cache.shape[2]
     if q.numel() == 0 or Lk == 0:
         return _zeros_from(q)
-    invalid = ~key_valid
+    qc, kc, vc = q, k_cache, v_cache
+    if q.dtype not in (torch.float32, torch.float64):
+        qc, kc, vc = (t.float() for t in (q, k_cache, v_cache))
+    recording = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
+    if not recording:
+        # Inference: SDPA with the validity mask, as is. A masked key still contributes
+        # exp(-inf) * v = 0 * v, NaN for a non-finite v (and a NaN key's score stays NaN under the
+        # mask), and a sample without any valid key has a fully masked row: all of these show as
+        # non-finite values in the (small) output, so the careful path runs only then.
+        out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=key_valid.view(B, 1, 1, Lk), scale=scale)
+        if math.isfinite(out.sum().item()):
+            return out.to(q.dtype)
+    elif not _finite(k_cache, v_cache, ~key_valid):
+        # Under autograd an infinite masked key can poison the gradient alone: checked up front.
+        kc, vc = _drop_invalid(kc, vc, key_valid)
+    if not recording:
+        kc, vc = _drop_invalid(kc, vc, key_valid)
     any_valid = key_valid.any(1)  # (B,)
-    all_valid = bool(key_valid.all())
-    if not all_valid:
-        # Only the invalid positions are checked: usually few, and finite (then no copy is made).
-        rows, cols = invalid.nonzero(as_tuple=True)
-        if not (torch.isfinite(k_cache[rows, :, cols]).all() and torch.isfinite(v_cache[rows, :, cols]).all()):
-            drop = invalid[:, None, :, None]
-            k_cache = torch.where(drop, 0, k_cache)
-            v_cache = torch.where(drop, 0, v_cache)
-    compute = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
-    qc, kc, vc = (t.to(compute) for t in (q, k_cache, v_cache))
-    if all_valid:
-        return F.scaled_dot_product_attention(qc, kc, vc, scale=scale).to(q.dtype)
-    # A sample without any valid key attends to every (then zeroed) key and is zeroed after.
+    # A sample without any valid key attends to every (zeroed) key; its output is zeroed after.
     mask = (key_valid | ~any_valid[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale).to(q.dtype)
     if bool(any_valid.all()):
         return out
     return torch.where(any_valid[:, None, None, None], out, 0)
+
+
+def _finite(k: torch.Tensor, v: torch.Tensor, invalid: torch.Tensor) -> bool:
+    """Whether the cached keys and values at the invalid positions are all finite."""
+    rows, cols = invalid.nonzero(as_tuple=True)
+    # A sum is non-finite whenever one term is (or, harmlessly, when it overflows).
+    return bool(torch.isfinite(k[rows, :, cols].sum() + v[rows, :, cols].sum()))
+
+
+def _drop_invalid(k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor):
+    keep = key_valid[:, None, :, None]
+    return torch.where(keep, k, 0), torch.where(keep, v, 0)
 
 
 def c2f_attention_reasons(q, k, v, layout, *, scale=None) -> list[str]:

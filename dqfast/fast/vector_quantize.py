@@ -20,7 +20,9 @@ algorithm with this search inside (a region is searched once, at its grain).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,40 +55,81 @@ def _prepare(x: torch.Tensor, metric: str, dtype: torch.dtype) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=NORMALIZE_EPS) if metric == "cosine" else x
 
 
-def nearest_code(z: torch.Tensor, codes: torch.Tensor, metric: str) -> torch.Tensor:
-    """Index of the nearest code of every row, ties to the lowest index; NaN distances count as +inf.
+class _CodeTable(NamedTuple):
+    """What the search needs of a codebook (prepared: compute dtype, normalised for cosine).
 
-    z: (N, D), codes: (K, D), both in the compute dtype (and normalised for cosine).
-    Returns (N,) int64. l2 ranks codes by ``||c||^2 - 2 z.c``, cosine by ``-z.c``.
+    codes: (K, D) the prepared codes with non-finite rows zeroed; bias: (K,) the addmm bias,
+    ``||c||^2`` for l2 and 0 for cosine, +inf for a non-finite code; prepared: the prepared codes
+    themselves (non-finite rows kept), for gathering the chosen code.
     """
-    N, K = z.shape[0], codes.shape[0]
-    if N == 0:
-        return torch.empty(0, dtype=torch.int64, device=z.device)
-    bad_codes = ~torch.isfinite(codes).all(-1)
-    bias = codes.pow(2).sum(-1) if metric == "l2" else codes.new_zeros(K)
-    if bool(bad_codes.any()):
-        codes = torch.where(bad_codes[:, None], 0, codes)
-        bias = bias.masked_fill(bad_codes, math.inf)
+
+    codes: torch.Tensor
+    bias: torch.Tensor
+    prepared: torch.Tensor
+
+
+def _code_table(prepared: torch.Tensor, metric: str) -> _CodeTable:
+    bias = prepared.pow(2).sum(-1) if metric == "l2" else prepared.new_zeros(prepared.shape[0])
+    if math.isfinite((bias if metric == "l2" else prepared).sum().item()):
+        return _CodeTable(prepared, bias, prepared)
+    bad = ~torch.isfinite(prepared).all(-1)
+    codes = torch.where(bad[:, None], 0, prepared)
+    bias = torch.where(bad, math.inf, codes.pow(2).sum(-1) if metric == "l2" else bias)
+    return _CodeTable(codes, bias, prepared)
+
+
+# id(codebook) -> (weakref, stamp, table with ``codebook`` itself replaced by None): a model's
+# codebook is prepared once per version (``Tensor._version`` moves with every in-place update,
+# e.g. an EMA or optimizer step). The entry never holds the codebook, so it dies with it.
+_TABLES: dict[int, tuple] = {}
+
+
+def _cached_code_table(codebook: torch.Tensor, metric: str, dtype: torch.dtype) -> _CodeTable:
+    if codebook.is_inference() or (torch.is_grad_enabled() and codebook.requires_grad):
+        return _code_table(_prepare(codebook.detach(), metric, dtype), metric)
+    key = id(codebook)
+    stamp = (codebook._version, metric, dtype)
+    entry = _TABLES.get(key)
+    if entry is None or entry[0]() is not codebook or entry[1] != stamp:
+        table = _code_table(_prepare(codebook.detach(), metric, dtype), metric)
+        stored = _CodeTable(*(None if t is codebook else t for t in table))
+        _TABLES[key] = (weakref.ref(codebook, lambda _, key=key: _TABLES.pop(key, None)), stamp, stored)
+        return table
+    return _CodeTable(*(codebook if t is None else t for t in entry[2]))
+
+
+def _search(z: torch.Tensor, table: _CodeTable, metric: str) -> torch.Tensor:
+    """Index (N,) int64 of the lowest ``bias - alpha * z.c`` of every row, a block of rows at a time."""
+    N, K = z.shape[0], table.codes.shape[0]
     alpha = -2.0 if metric == "l2" else -1.0
-    bad_rows = ~torch.isfinite(z).all(-1)
-    any_bad_row = bool(bad_rows.any())
-    if any_bad_row:
-        z = torch.where(bad_rows[:, None], 0, z)
-    codes_t = codes.T
+    codes_t = table.codes.T
     indices = torch.empty(N, dtype=torch.int64, device=z.device)
     rows = max(1, CHUNK_ENTRIES // K)
     if rows >= N:
-        torch.argmin(torch.addmm(bias, z, codes_t, alpha=alpha), 1, out=indices)
-    else:
-        scores = z.new_empty(rows, K)
-        for start in range(0, N, rows):
-            stop = min(start + rows, N)
-            block = scores[: stop - start]
-            torch.addmm(bias, z[start:stop], codes_t, alpha=alpha, out=block)
-            torch.argmin(block, 1, out=indices[start:stop])
-    if any_bad_row:
-        indices.masked_fill_(bad_rows, 0)
+        return torch.argmin(torch.addmm(table.bias, z, codes_t, alpha=alpha), 1)
+    scores = z.new_empty(rows, K)
+    for start in range(0, N, rows):
+        stop = min(start + rows, N)
+        block = scores[: stop - start]
+        torch.addmm(table.bias, z[start:stop], codes_t, alpha=alpha, out=block)
+        torch.argmin(block, 1, out=indices[start:stop])
     return indices
+
+
+def nearest_code(z: torch.Tensor, codes: torch.Tensor, metric: str, table: _CodeTable | None = None) -> torch.Tensor:
+    """Index of the nearest code of every row, ties to the lowest index; NaN distances count as +inf.
+
+    z: (N, D), codes: (K, D), both in the compute dtype (and normalised for cosine); ``table``:
+    the prepared codes, when the caller has them. Returns (N,) int64. l2 ranks codes by
+    ``||c||^2 - 2 z.c``, cosine by ``-z.c``; a row with a non-finite entry gets index 0.
+    """
+    if z.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=z.device)
+    table = _code_table(codes, metric) if table is None else table
+    if math.isfinite(z.sum().item()):
+        return _search(z, table, metric)
+    bad_rows = ~torch.isfinite(z).all(-1)
+    return _search(torch.where(bad_rows[:, None], 0, z), table, metric).masked_fill_(bad_rows, 0)
 
 
 def _chosen_distance(z: torch.Tensor, code: torch.Tensor, metric: str) -> torch.Tensor:
@@ -123,9 +166,14 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l
     flat = z.reshape(-1, dim)
     with torch.no_grad():
         vectors = _prepare(flat.detach(), metric, dtype)
-        codes = _prepare(codebook.detach(), metric, dtype)
-        indices = nearest_code(vectors, codes, metric)
-        chosen = F.embedding(indices, codes)
+        table = _cached_code_table(codebook, metric, dtype)
+        if vectors.shape[0] == 0:
+            indices = torch.empty(0, dtype=torch.int64, device=z.device)
+        elif math.isfinite(vectors.sum().item()):
+            indices = _search(vectors, table, metric)
+        else:
+            indices = nearest_code(vectors, table.codes, metric, table)
+        chosen = F.embedding(indices, table.prepared)
         distance = _chosen_distance(vectors, chosen, metric)
     if metric == "l2":
         code = F.embedding(indices, codebook.detach()) if codebook.dtype != dtype else chosen
@@ -187,7 +235,7 @@ def dynamic_quantize(
     dtype = _compute_dtype(features[0].dtype)
     codes = _prepare(codebook, metric, dtype)  # keeps the gradient to the codebook for the loss
     with torch.no_grad():
-        search_codes = codes.detach()
+        table = _cached_code_table(codebook, metric, dtype)
 
     quantized = features[0].new_zeros(B, Hf, Wf, D)
     indices = torch.zeros(B, Hf, Wf, dtype=torch.int64, device=codebook.device)
@@ -202,7 +250,7 @@ def dynamic_quantize(
             v = v * _upsample(gate[..., g], 2**g)[cells][:, None]
         target = _prepare(v, metric, dtype)
         with torch.no_grad():
-            idx = nearest_code(target.detach(), search_codes, metric)
+            idx = nearest_code(target.detach(), table.codes, metric, table)
         chosen = codes[idx]
         if metric == "l2":
             q = codebook.detach()[idx]
