@@ -9,7 +9,11 @@ with the coarse codes in raster order of their regions and the fine codes in row
 the fine grid restricted to fine regions (:func:`dqfast.c2f_flatten`). Every token has a content
 id (a code, or pad / eos / sos) and a position id (its cell in the grid of its segment, or a
 special). The pads in the middle of the sequence are masked out of attention
-(:class:`dqfast.C2FLayout`; the released code attended to them).
+(:class:`dqfast.C2FLayout`; the released code attended to them). With ``fine_sos=True`` the fine
+segment starts with its own sos token (capacity 4*H*W + 2), as in the released stage-2 configs.
+
+Sampling (:meth:`DQTransformer.generate`) decodes one index per step against per-layer KV caches,
+straight on the weights; ``use_cache=False`` is the released recompute-the-prefix loop.
 
 Two stacked causal transformers: the position transformer reads content + position + absolute
 index + segment embeddings and predicts the position of the next token; the content transformer
