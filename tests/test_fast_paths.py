@@ -120,6 +120,29 @@ def test_attention_fp32_against_float64_reference(name, scale):
     assert (out.detach().permute(0, 2, 1, 3)[pad_queries] == 0).all()
 
 
+@pytest.mark.parametrize("dense_max_len", [0, 10_000])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_attention_inference_paths(name, dense_max_len, monkeypatch):
+    """Without autograd, short sequences take the dense path (cached additive mask); both paths
+    must give the reference's result, also with NaN/inf in the pads."""
+    seed(11)
+    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", dense_max_len)
+    layout = make_layout(name)
+    q, k, v = (t.detach() for t in qkv(layout.batch_size, 2, layout.seq_len, 6))
+    exact = ref_attn.c2f_attention(*as64(q, k, v), layout)
+    pads = (~layout.key_valid())[:, None, :, None].expand_as(q)
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.float64):
+            out = fast_attn.c2f_attention(q.to(dtype), k.to(dtype), v.to(dtype), layout)
+            assert out.dtype == dtype
+            torch.testing.assert_close(out.double(), exact, **FP32_TOL)
+        for bad in (float("nan"), float("inf")):
+            for which in range(3):
+                dirty = [torch.where(pads, bad, t) if i == which else t for i, t in enumerate((q, k, v))]
+                out = fast_attn.c2f_attention(*dirty, layout)
+                torch.testing.assert_close(out.double(), exact, **FP32_TOL)
+
+
 @pytest.mark.parametrize("name", ["causal_empty", "block_var"])
 def test_attention_noncontiguous_inputs(name):
     seed(2)

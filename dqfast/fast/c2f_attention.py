@@ -15,8 +15,13 @@ gradient from turning into NaN in SDPA's backward); a sample with no real token 
 slots zeroed with ``torch.where``. So NaN/inf in a pad query, key or value reaches neither an
 output nor a gradient.
 
-The packing indices depend only on the layout, so they are computed once per layout object (and
-device) and cached for as long as the layout lives: the layers of a model share them.
+Short sequences without autograd (L <= ``DENSE_MAX_LEN``, inference of small models) skip the
+packing, whose gathers cost more than they save there: one SDPA call with the layout's additive
+mask (pad query rows open, their outputs zeroed after), sent to the packed path only when its
+output is not finite (a non-finite pad reached it).
+
+The packing indices and masks depend only on the layout, so they are computed once per layout
+object (and device) and cached for as long as the layout lives: the layers of a model share them.
 
 Decoding (``c2f_decode_attention``): SDPA on the cache with the (B, 1, 1, Lk) validity mask (no
 mask at all when every cached position is valid). A masked key contributes
@@ -60,7 +65,8 @@ class _Packing(NamedTuple):
     block_mask: torch.Tensor | None
 
 
-# layout -> {(device, lengths version): _Packing}. Weak keys: the tables die with the layout.
+# layout -> {(device, lengths version): _Packing, ("dense", device, dtype, version): masks}. Weak
+# keys: the tables die with the layout.
 _PACKINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -107,7 +113,6 @@ def _packing(layout: C2FLayout, device: torch.device) -> _Packing:
         per_layout = _PACKINGS[layout] = {}
     packing = per_layout.get(key)
     if packing is None:
-        per_layout.clear()
         packing = per_layout[key] = _build_packing(layout, device)
     return packing
 
@@ -115,6 +120,38 @@ def _packing(layout: C2FLayout, device: torch.device) -> _Packing:
 def _zeros_from(x: torch.Tensor) -> torch.Tensor:
     """Zeros shaped like x that still belong to its autograd graph (zero gradient, even for NaN x)."""
     return torch.where(torch.zeros((), dtype=torch.bool, device=x.device), x, 0)
+
+
+# Inference on sequences up to this length takes the dense path: per-call overhead dominates
+# there, and one SDPA call with a cached additive mask beats packing's gathers.
+DENSE_MAX_LEN = 128
+
+
+def _dense_mask(layout: C2FLayout, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(additive mask (B, 1, L, L), query_valid (B, 1, L, 1) 1/0), both in ``dtype``, cached per layout.
+
+    The mask is 0 where query i may attend to key j, -inf elsewhere; rows of pad queries are all 0
+    (their outputs are zeroed afterwards), so SDPA never meets a fully masked row.
+    """
+    per_layout = _PACKINGS.get(layout)
+    key = ("dense", device, dtype, layout.lengths._version)
+    if per_layout is not None and key in per_layout:
+        return per_layout[key]
+    valid = _key_valid(layout, layout.lengths.to(device))
+    L = valid.shape[1]
+    if layout.mode == "causal":
+        positions = torch.arange(L, device=device)
+        order = positions[None, :] <= positions[:, None]
+    else:
+        seg = layout.segment_ids(device)
+        order = seg[None, :] <= seg[:, None]
+    allowed = (valid[:, None, :] & order) | ~valid[:, :, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)
+    entry = (mask[:, None], valid[:, None, :, None].to(dtype))
+    if per_layout is None:
+        per_layout = _PACKINGS[layout] = {}
+    per_layout[key] = entry
+    return entry
 
 
 def _pack(x: torch.Tensor, packing: _Packing) -> torch.Tensor:
@@ -138,6 +175,15 @@ def c2f_attention(
     B, Hh, L, Dh = q.shape
     if q.numel() == 0:
         return q * 0
+    recording = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if L <= DENSE_MAX_LEN and not recording and q.dtype in (torch.float32, torch.float64):
+        # A non-finite pad key or value reaches real rows and a non-finite pad query its own row
+        # (0 * NaN is NaN): either way the output is not finite, and the call goes to the packed
+        # path, which never reads a pad.
+        mask, query_valid = _dense_mask(layout, q.device, q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).mul_(query_valid)
+        if math.isfinite(out.sum().item()):
+            return out
     packing = _packing(layout, q.device)
     qp, kp, vp = (_pack(t, packing) for t in (q, k, v))
     if q.dtype not in (torch.float32, torch.float64):
