@@ -164,6 +164,21 @@ def test_channels_last_weight_and_grad_out():
     _parity(case, torch.float32, x=x.to(**cl), w=w.to(**cl), go=go.to(**cl))
 
 
+def test_operand_layout_choice():
+    """Channels-innermost operands are used in place; others are copied with the values unchanged."""
+    from dqfast.kernels.subpixel_conv import _channels_innermost
+
+    x = randn(2, 5, 3, 4)
+    cl = x.to(memory_format=torch.channels_last)
+    assert _channels_innermost(cl) is cl
+    for t in (x, noncontiguous(x)):
+        y = _channels_innermost(t)
+        assert y.stride(1) == 1 and y.shape == t.shape and torch.equal(y, t)
+    phase = randn(3, 4, 6, 2, 2)
+    y = _channels_innermost(phase, dim=2)
+    assert y.stride(2) == 1 and torch.equal(y, phase)
+
+
 @pytest.mark.parametrize("shape", [(1, 5, 0, 6), (2, 5, 4, 0)], ids=["H0", "W0"])
 def test_empty_spatial(shape):
     """H or W = 0: empty outputs of the right shape and zero gradients, for both kernels."""
