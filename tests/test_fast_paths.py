@@ -365,6 +365,23 @@ def test_vq_ties_go_to_the_lowest_index():
     assert fast_vq.vector_quantize(z, codebook, metric="cosine").indices.tolist() == [0, 1, 0]
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_vq_exact_ties_on_integer_data(metric, monkeypatch):
+    """Integer vectors make every distance exact, so duplicated codes tie exactly."""
+    seed(32)
+    monkeypatch.setattr(fast_vq, "CHUNK_ENTRIES", 500)
+    base = torch.randint(-3, 4, (40, 5)).float()
+    codebook = base[torch.randint(0, 40, (97,))]  # many duplicated rows, in random places
+    z = torch.randint(-3, 4, (300, 5)).float()
+    d = brute_force(z, codebook, metric)
+    first = (d == d.min(1, keepdim=True).values).float().argmax(1)  # the lowest tied index
+    if metric == "l2":
+        assert torch.equal(fast_vq.vector_quantize(z, codebook).indices, first)
+    else:  # cosine values are rounded: ties within rounding need not be exact, distances must be
+        out = fast_vq.vector_quantize(z, codebook, metric=metric)
+        torch.testing.assert_close(out.distance.double(), d.min(1).values, **FP32_TOL)
+
+
 def test_vq_noncontiguous_and_float64_and_empty():
     seed(13)
     z, codebook = randn(17, 6), randn(11, 6)

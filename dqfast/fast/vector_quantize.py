@@ -4,7 +4,7 @@ The reference evaluates ``||z||^2 - 2 z.c + ||c||^2`` as three N x K passes (mat
 broadcast adds) before the argmin. Here a block of rows at a time goes through one ``addmm``
 whose bias is ``||c||^2``: ``||z||^2`` is the same for every code of a row, so it cannot move the
 argmin and is left out. The block's distance matrix (at most ``CHUNK_ENTRIES`` fp32 values) stays
-in cache for the argmin, and never more than that exists at once, whatever N is.
+in cache for the row minimum, and never more than that exists at once, whatever N is.
 
 Non-finite input (the documented rule, shared with the reference and the kernels): a distance
 that is NaN counts as +inf. A code with a non-finite entry is at distance NaN or inf from every
@@ -99,20 +99,23 @@ def _cached_code_table(codebook: torch.Tensor, metric: str, dtype: torch.dtype) 
 
 
 def _search(z: torch.Tensor, table: _CodeTable, metric: str) -> torch.Tensor:
-    """Index (N,) int64 of the lowest ``bias - alpha * z.c`` of every row, a block of rows at a time."""
+    """Index (N,) int64 of the lowest ``bias - alpha * z.c`` of every row, a block of rows at a time.
+
+    ``torch.min`` along a dim returns the first minimum like ``argmin`` and is 2-3x faster than it
+    on CPU here (256 x 64: 17 vs 37 us; 1024 x 256: 179 vs 436 us).
+    """
     N, K = z.shape[0], table.codes.shape[0]
     alpha = -2.0 if metric == "l2" else -1.0
     codes_t = table.codes.T
+    rows = min(max(1, CHUNK_ENTRIES // K), N)
     indices = torch.empty(N, dtype=torch.int64, device=z.device)
-    rows = max(1, CHUNK_ENTRIES // K)
-    if rows >= N:
-        return torch.argmin(torch.addmm(table.bias, z, codes_t, alpha=alpha), 1)
     scores = z.new_empty(rows, K)
+    best = z.new_empty(rows)
     for start in range(0, N, rows):
         stop = min(start + rows, N)
         block = scores[: stop - start]
         torch.addmm(table.bias, z[start:stop], codes_t, alpha=alpha, out=block)
-        torch.argmin(block, 1, out=indices[start:stop])
+        torch.min(block, 1, out=(best[: stop - start], indices[start:stop]))
     return indices
 
 
@@ -209,7 +212,9 @@ def _upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Nearest x``factor`` of x (B, H, W, ...) to (B, H * factor, W * factor, ...)."""
     if factor == 1:
         return x
-    return x.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+    B, H, W, *rest = x.shape
+    # One copy from a broadcast view (two repeat_interleave calls make two copies via gathers).
+    return x[:, :, None, :, None].expand(B, H, factor, W, factor, *rest).reshape(B, H * factor, W * factor, *rest)
 
 
 def dynamic_quantize(
@@ -225,8 +230,10 @@ def dynamic_quantize(
 ) -> DynamicVQOutput:
     """Dynamic (per-region grain) vector quantization (fast path), same contract as the reference.
 
-    Every coded vector is searched once at its grain with :func:`nearest_code`; the codes are
-    written straight into the finest grid (each grain-g cell fills its 2**(G-1-g) square block).
+    Every coded vector is searched once at its grain with :func:`nearest_code`; the finest grid
+    is then filled by one gather from the chosen codes of all grains (each grain-g cell fills its
+    2**(G-1-g) square block), whose backward sums a broadcast code's gradient as the reference's
+    broadcast does.
     """
     G = len(features)
     B, D, H, W = features[0].shape
@@ -237,40 +244,46 @@ def dynamic_quantize(
     with torch.no_grad():
         table = _cached_code_table(codebook, metric, dtype)
 
-    quantized = features[0].new_zeros(B, Hf, Wf, D)
-    indices = torch.zeros(B, Hf, Wf, dtype=torch.int64, device=codebook.device)
+    recording = torch.is_grad_enabled()
+    rowmap = None  # (B, Hf, Wf): the row of ``all_q`` / ``all_idx`` that fills every finest cell
+    all_q, all_idx = [], []
     commitment = codebook_term = codes.new_zeros(())
     n_total = 0
     for g, feature in enumerate(features):
-        spread = 2 ** (G - 1 - g)
         coded = _upsample(grain == g, 2**g)  # (B, Hg, Wg)
-        cells = coded.nonzero(as_tuple=True)  # raster order over (b, y, x)
-        v = feature.permute(0, 2, 3, 1)[cells]  # (N_g, D)
+        cells = coded.reshape(-1).nonzero().squeeze(1)  # raster order over (b, y, x)
+        v = feature.permute(0, 2, 3, 1).reshape(-1, D).index_select(0, cells)  # (N_g, D)
         if gate is not None:
-            v = v * _upsample(gate[..., g], 2**g)[cells][:, None]
+            v = v * _upsample(gate[..., g], 2**g).reshape(-1).index_select(0, cells)[:, None]
         target = _prepare(v, metric, dtype)
         with torch.no_grad():
             idx = nearest_code(target.detach(), table.codes, metric, table)
-        chosen = codes[idx]
         if metric == "l2":
-            q = codebook.detach()[idx]
+            q = F.embedding(idx, codebook.detach())
             source = v
         else:
-            q = chosen.detach()
+            q = F.embedding(idx, table.prepared)
             source = target
         q = _StraightThrough.apply(source, q, feature.dtype) if source.requires_grad else q.to(feature.dtype)
-        commitment = commitment + (target - chosen.detach()).pow(2).sum()
-        codebook_term = codebook_term + (target.detach() - chosen).pow(2).sum()
-        n_total += v.shape[0]
-
-        # Cell (b, y, x) of the grain-g grid covers the finest cells (b, y*s + i, x*s + j).
-        b, y, x = cells
-        offsets = torch.arange(spread, device=y.device)
-        ys = (y[:, None] * spread + offsets).repeat_interleave(spread, 1)  # (N, s*s)
-        xs = (x[:, None] * spread + offsets).repeat(1, spread)
-        bs = b[:, None].expand_as(ys)
-        quantized = quantized.index_put((bs, ys, xs), q[:, None, :].expand(-1, spread * spread, -1))
-        indices.index_put_((bs, ys, xs), idx[:, None].expand(-1, spread * spread))
+        if recording:
+            chosen = F.embedding(idx, codes)
+            commitment = commitment + (target - chosen.detach()).pow(2).sum()
+            codebook_term = codebook_term + (target.detach() - chosen).pow(2).sum()
+        else:  # the two terms have the same value
+            commitment = commitment + (target - F.embedding(idx, table.prepared)).pow(2).sum()
+        # The rows of this grain's codes, on its grid, then broadcast to the finest grid.
+        rows = torch.full(coded.shape, -1, dtype=torch.int64, device=cells.device)
+        rows.view(-1).index_copy_(0, cells, torch.arange(n_total, n_total + cells.shape[0], device=cells.device))
+        rows = _upsample(rows, 2 ** (G - 1 - g))
+        rowmap = rows if rowmap is None else torch.where(rows >= 0, rows, rowmap)
+        all_q.append(q)
+        all_idx.append(idx)
+        n_total += cells.shape[0]
+    if not recording:
+        codebook_term = commitment
+    all_q = torch.cat(all_q) if G > 1 else all_q[0]
+    quantized = F.embedding(rowmap, all_q) if n_total else features[0].new_zeros(B, Hf, Wf, D) + all_q.sum()
+    indices = (torch.cat(all_idx) if G > 1 else all_idx[0])[rowmap] if n_total else rowmap.clamp_min(0)
 
     loss = (beta * commitment + codebook_term) / (max(n_total, 1) * D)
     n_codes = (4**grain).sum((1, 2))
