@@ -10,16 +10,24 @@ ties go to the lowest index. The N x K distance matrix never exists. The chosen 
 gathered in the same program, written out, and its distance recomputed directly as
 ``sum((z - c)^2)`` (or ``1 - z.c``) in fp32, which has no cancellation.
 
+Non-finite input (the reference's rule): a NaN score counts as +inf, so a NaN or inf code never
+beats a finite one; a vector whose ``||z||^2`` is not finite (a NaN or inf entry, or an overflow)
+has no finite distance to any code and gets index 0, that code, and the distance computed for it.
+
 Dynamic quantization: the grain map decides, per grain g, which cells of ``features[g]`` are
 coded. Their flat raster ids are compacted on the device (cumsum + scatter, no host sync) into a
 list whose length is an upper bound; the kernel reads the true count from device memory and the
 programs past it return at once. Each coded vector is gathered by index straight from
-``features[g]`` through its strides (no gathered copy), searched once, and its code and index are
-written to the 2**(G-1-g) x 2**(G-1-g) finest cells it covers. The loss is reduced from
-per-program partial sums of ``||v - q||^2`` (no atomics, so the forward is deterministic). The
-backward kernel revisits the coded cells: straight-through and commitment gradient to the
-features (plain stores: every cell is coded at most once), gate gradient and codebook gradient
-by fp32 atomics.
+``features[g]`` through its strides (no gathered copy) and searched once. Few vectors are coded
+(5120 at the DQ-VAE shape), so the codebook walk is split into contiguous ranges searched by
+separate programs, as many as fill the GPU (decided on the device from the true count); each
+writes its (score, index) and a second kernel keeps the lowest score, ties to the lowest range,
+which is the lowest index as in one walk: the result does not depend on the split. That kernel
+writes the code and index to the 2**(G-1-g) x 2**(G-1-g) finest cells each vector covers, rows x
+channel slices per program. The loss is reduced from per-program partial sums of ``||v - q||^2``
+(no atomics, so the forward is deterministic). The backward kernel revisits the coded cells, also
+by rows x channel slices: straight-through and commitment gradient to the features (plain stores:
+every cell is coded at most once), gate gradient and codebook gradient by fp32 atomics.
 
 Cosine goes through fp32 l2-normalised copies made by torch (``F.normalize``, eps 1e-12), so the
 normalisation's gradient comes from autograd; the kernels then see unit vectors.
@@ -74,6 +82,9 @@ NORMALIZE_EPS = 1e-12
 MAX_SINGLE_CHUNK_D = {torch.float16: 256, torch.bfloat16: 256, torch.float32: 64}
 MAX_SINGLE_CHUNK_D_GATHERED = 64
 MULTI_CHUNK_BLOCK_D = 32
+# Gathered fp32 vectors (tf32x3 splits every operand in two): 32-channel chunks took 244-255
+# registers and spilled in 4 of the 6 search configs at D = 256 (sm_90 compile); 16 does not.
+MULTI_CHUNK_BLOCK_D_GATHERED_FP32 = 16
 # Every tl.dot dimension must be >= 16 on the GPU, so tiny D is padded (masked) up to 16.
 MIN_BLOCK_D = 16
 # Channels per step when the chosen code is gathered and written: a full-width gather tile
@@ -85,6 +96,10 @@ BWD_BLOCK_D = 16
 STATISTICS_BLOCK_D = 32
 
 # The interpreter runs one fixed, small config (autotuning there would only burn CPU time).
+# On the GPU every config must fit the H100's 227 KiB of shared memory at the widest single chunk
+# (16-bit, D = 256): one BLOCK_N x 256 vector tile plus num_stages BLOCK_K x 256 code tiles, i.e.
+# 512 B x (BLOCK_N + num_stages x BLOCK_K) with BLOCK_N + num_stages x BLOCK_K <= 454 (sm_90
+# compile: (128, 128, 8, 3) needed 256 KiB and (128, 128, 8, 4) 320 KiB; they could never launch).
 _SEARCH_CONFIGS = (
     [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     if _INTERPRET
@@ -94,16 +109,29 @@ _SEARCH_CONFIGS = (
             (64, 64, 4, 3),
             (64, 128, 4, 3),
             (128, 64, 8, 3),
-            (128, 128, 8, 3),
-            (128, 128, 8, 4),
+            (128, 128, 8, 2),
+            (128, 64, 8, 4),
             (32, 64, 4, 4),
         ]
     ]
 )
-_MIN_SEARCH_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _SEARCH_CONFIGS)
 
-# Rows per program of the atomic kernels (fixed: autotuning would re-run the atomics).
-_ELEMENTWISE_BLOCK_N = 32 if _INTERPRET else 64
+# Dynamic quantization at the DQ-VAE shape (B = 8, 16x16 + 32x32 maps, budget 0.5) codes only 1024
+# coarse and 4096 fine vectors: one program per 64 rows would leave most of the H100's 132 SMs idle
+# (16 and 64 busy programs). The search therefore splits the codebook walk into up to
+# SEARCH_MAX_SPLITS contiguous ranges, as many as it takes for about SEARCH_WAVES x SMs programs to
+# have work (decided on the device from the true count), each writing its (score, index); a small
+# kernel keeps the lowest score, ties to the lowest split, then gathers and writes the code.
+SEARCH_MAX_SPLITS = 16
+SEARCH_WAVES = 2
+# Interpreter: a target that splits the small test codebooks, so the combine is what runs there.
+_INTERPRET_TARGET_PROGRAMS = 64
+
+# Rows and channels per program of the gather/scatter kernels (the combine and write of the codes,
+# the backward, the statistics): rows x channel slices rather than whole vectors, so that the
+# DQ-VAE shape gives hundreds of programs (fixed sizes: autotuning would re-run the atomics).
+_ELEMENTWISE_BLOCK_N = 32
+_CHANNELS_PER_PROGRAM = 16 if _INTERPRET else 32
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -112,7 +140,9 @@ def _block_d(D: int, dtype: torch.dtype, *, gathered: bool) -> int:
     """Channels per dot step: all of D in one chunk when it fits, else MULTI_CHUNK_BLOCK_D."""
     single = max(triton.next_power_of_2(D), MIN_BLOCK_D)
     cap = MAX_SINGLE_CHUNK_D_GATHERED if gathered else MAX_SINGLE_CHUNK_D[dtype]
-    return single if single <= cap else MULTI_CHUNK_BLOCK_D
+    if single <= cap:
+        return single
+    return MULTI_CHUNK_BLOCK_D_GATHERED_FP32 if gathered and dtype == torch.float32 else MULTI_CHUNK_BLOCK_D
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -135,7 +165,8 @@ def _nearest_code(
     stride_zd,  # element stride between channels of a vector
     codebook_ptr,  # (K, D) codes
     code_sq_ptr,  # (K,) fp32 squared code norms (l2 only)
-    K,
+    k_lo,  # first code searched (a multiple of BLOCK_K)
+    k_hi,  # end of the codes searched (<= K)
     D,
     stride_ck,
     stride_cd,
@@ -146,7 +177,12 @@ def _nearest_code(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Index (BLOCK_N,) int64 of the nearest code of every row; ties to the lowest index."""
+    """(score, index) of the nearest code in [k_lo, k_hi) of every row, both (BLOCK_N,).
+
+    The score ranks codes (``||c||^2 - 2 v.c`` or ``-v.c``); ties go to the lowest index. A NaN
+    score counts as +inf, so it never beats a finite one. A row whose ``||v||^2`` is not finite
+    (NaN or inf in it) has no finite distance to any code: it gets score +inf and index k_lo.
+    """
     offs_k0 = tl.arange(0, BLOCK_K)
     offs_d0 = tl.arange(0, BLOCK_D)
     # With D in one chunk the vectors stay in registers for the whole codebook walk (the load is
@@ -156,11 +192,27 @@ def _nearest_code(
         mask=row_mask[:, None] & (offs_d0[None, :] < D),
         other=0.0,
     )
+    if SINGLE_CHUNK:
+        zf = z_first.to(tl.float32) * row_scale[:, None]
+        row_sq = tl.sum(zf * zf, axis=1)
+    else:
+        row_sq = tl.zeros((BLOCK_N,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + offs_d0
+            zc = tl.load(
+                z_ptr + row_off[:, None] + offs_d[None, :] * stride_zd,
+                mask=row_mask[:, None] & (offs_d[None, :] < D),
+                other=0.0,
+            )
+            zf = zc.to(tl.float32) * row_scale[:, None]
+            row_sq += tl.sum(zf * zf, axis=1)
+    # Not (row_sq < inf) is true for +inf and NaN alike.
+    finite_row = row_sq < float("inf")
     best = tl.full((BLOCK_N,), float("inf"), tl.float32)
-    best_idx = tl.zeros((BLOCK_N,), tl.int64)
-    for k0 in range(0, K, BLOCK_K):
+    best_idx = tl.zeros((BLOCK_N,), tl.int64) + k_lo
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = (k0 + offs_k0).to(tl.int64)
-        k_mask = offs_k < K
+        k_mask = offs_k < k_hi
         if SINGLE_CHUNK:
             c = tl.load(
                 codebook_ptr + offs_k[:, None] * stride_ck + offs_d0[None, :] * stride_cd,
@@ -190,12 +242,14 @@ def _nearest_code(
         else:
             code_sq = tl.load(code_sq_ptr + offs_k, mask=k_mask, other=0.0)
             score = code_sq[None, :] - 2.0 * dots
-        score = tl.where(k_mask[None, :], score, float("inf"))
+        # Masked codes, NaN scores and rows without a finite distance all rank as +inf.
+        keep = k_mask[None, :] & finite_row[:, None] & (score < float("inf"))
+        score = tl.where(keep, score, float("inf"))
         tile_best, tile_idx = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best < best
         best = tl.where(better, tile_best, best)
         best_idx = tl.where(better, tile_idx.to(tl.int64) + k0, best_idx)
-    return best_idx
+    return best, best_idx
 
 
 @triton.jit
@@ -214,16 +268,18 @@ def _emit_code(
     stride_od,
     stride_oh,
     stride_ow,
-    D,
+    d_lo,  # first channel written
+    D,  # end of the channels written
     SPREAD: tl.constexpr,  # every code is written to SPREAD x SPREAD cells (h, w) of the output
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Writes the chosen codes and returns (sum (v - q)^2, sum v * q), both (BLOCK_N,) fp32."""
+    """Writes channels [d_lo, D) of the chosen codes and returns (sum (v - q)^2, sum v * q) over
+    them, both (BLOCK_N,) fp32."""
     offs_d0 = tl.arange(0, BLOCK_D)
     sq = tl.zeros((BLOCK_N,), tl.float32)
     dot = tl.zeros((BLOCK_N,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(d_lo, D, BLOCK_D):
         offs_d = d0 + offs_d0
         mask = row_mask[:, None] & (offs_d[None, :] < D)
         v = tl.load(z_ptr + row_off[:, None] + offs_d[None, :] * stride_zd, mask=mask, other=0.0)
@@ -272,32 +328,146 @@ def _vector_quantize_fwd_kernel(
     row_mask = rows < N
     row_off = rows * stride_zn
     ones = tl.full((BLOCK_N,), 1.0, tl.float32)
-    idx = _nearest_code(
-        z_ptr, row_off, ones, row_mask, stride_zd, codebook_ptr, code_sq_ptr, K, D, stride_ck, stride_cd,
+    _, idx = _nearest_code(
+        z_ptr, row_off, ones, row_mask, stride_zd, codebook_ptr, code_sq_ptr, 0, K, D, stride_ck, stride_cd,
         COSINE, DOT_PRECISION, SINGLE_CHUNK, BLOCK_N, BLOCK_K, BLOCK_D,
     )  # fmt: skip
     sq, dot = _emit_code(
         z_ptr, row_off, ones, row_mask, stride_zd, codebook_ptr, idx, stride_ck, stride_cd,
-        quantized_ptr, rows * D, 1, 0, 0, D, 1, BLOCK_N, EMIT_BLOCK_D,
+        quantized_ptr, rows * D, 1, 0, 0, 0, D, 1, BLOCK_N, EMIT_BLOCK_D,
     )  # fmt: skip
     distance = 1.0 - dot if COSINE else sq
     tl.store(indices_ptr + rows, idx, mask=row_mask)
     tl.store(distance_ptr + rows, distance, mask=row_mask)
 
 
+@triton.jit
+def _coded_rows(cells_ptr, rows, row_mask, Hg, Wg):
+    """(b, y, x) int64 of the coded cells listed at ``rows`` of the cell list."""
+    # Decoded in int32 (cells < 2**31, checked by the reasons): int64 division is a long software
+    # routine on the GPU and pushed the kernels into spills.
+    cell = tl.load(cells_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+    x = (cell % Wg).to(tl.int64)
+    y = ((cell // Wg) % Hg).to(tl.int64)
+    b = (cell // (Wg * Hg)).to(tl.int64)
+    return b, y, x
+
+
+@triton.jit
+def _gate_scale(
+    gate_ptr,
+    b,
+    y,
+    x,
+    row_mask,
+    stride_gb,
+    stride_gh,
+    stride_gw,
+    stride_gg,
+    GRAIN: tl.constexpr,
+    REGION: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+):
+    """(BLOCK_N,) fp32 gate value of each row's region at this grain (1.0 without a gate)."""
+    if HAS_GATE:
+        gate_off = b * stride_gb + (y // REGION) * stride_gh + (x // REGION) * stride_gw + GRAIN * stride_gg
+        scale = tl.load(gate_ptr + gate_off, mask=row_mask, other=0.0).to(tl.float32)
+    else:
+        scale = tl.where(row_mask, 1.0, 1.0)
+    return scale
+
+
+@triton.jit
+def _split_plan(count, K, target_programs, MAX_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(row tiles, codebook splits, code tiles per split) for ``count`` coded rows: the codebook
+    walk is split until about ``target_programs`` programs have work."""
+    n_row_tiles = (count + BLOCK_N - 1) // BLOCK_N
+    n_k_tiles = (K + BLOCK_K - 1) // BLOCK_K
+    splits = (target_programs + n_row_tiles - 1) // tl.maximum(n_row_tiles, 1)
+    splits = tl.maximum(tl.minimum(tl.minimum(splits, n_k_tiles), MAX_SPLITS), 1)
+    tiles_per_split = (n_k_tiles + splits - 1) // splits
+    splits = (n_k_tiles + tiles_per_split - 1) // tiles_per_split
+    return n_row_tiles, splits, tiles_per_split
+
+
 @triton.autotune(configs=_SEARCH_CONFIGS, key=["K", "D"])
 @triton.jit
-def _dynamic_quantize_fwd_kernel(
+def _dynamic_quantize_search_kernel(
     feat_ptr,  # features[g] (B, D, Hg, Wg), any strides
     gate_ptr,  # (B, H, W, G) gate, read only when HAS_GATE
     codebook_ptr,  # (K, D) codes
     code_sq_ptr,  # (K,) fp32 squared code norms (l2 only)
     cells_ptr,  # (>= count,) int64 raster ids b*Hg*Wg + y*Wg + x of the coded cells, first `count` valid
     count_ptr,  # (1,) int64 number of coded cells at this grain
+    best_ptr,  # out (cells, MAX_SPLITS) fp32: best score of every row in every codebook split
+    best_idx_ptr,  # out (cells, MAX_SPLITS) int64: its code
+    splits_ptr,  # out (1,) int32: number of codebook splits used (written by program 0)
+    K,
+    D,
+    Hg,
+    Wg,
+    target_programs,  # programs wanted with work (a few waves of the GPU's SMs)
+    stride_fb,
+    stride_fd,
+    stride_fh,
+    stride_fw,
+    stride_gb,
+    stride_gh,
+    stride_gw,
+    stride_gg,
+    stride_ck,
+    stride_cd,
+    GRAIN: tl.constexpr,  # g: a region is REGION = 2**g cells of this grid wide
+    REGION: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    COSINE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,  # D <= BLOCK_D: the vectors are loaded once
+    MAX_SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    count = tl.load(count_ptr)
+    n_row_tiles, splits, tiles_per_split = _split_plan(count, K, target_programs, MAX_SPLITS, BLOCK_N, BLOCK_K)
+    if pid == 0:
+        tl.store(splits_ptr, splits.to(tl.int32))
+    # The grid covers every cell of the grid times MAX_SPLITS (the count is known only here).
+    row_tile = pid // splits
+    split = pid % splits
+    if row_tile >= n_row_tiles:
+        return
+    rows = row_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < count
+    b, y, x = _coded_rows(cells_ptr, rows, row_mask, Hg, Wg)
+    row_off = b * stride_fb + y * stride_fh + x * stride_fw
+    scale = _gate_scale(
+        gate_ptr, b, y, x, row_mask, stride_gb, stride_gh, stride_gw, stride_gg, GRAIN, REGION, HAS_GATE
+    )
+    k_lo = split * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
+    best, idx = _nearest_code(
+        feat_ptr, row_off, scale, row_mask, stride_fd, codebook_ptr, code_sq_ptr, k_lo, k_hi, D, stride_ck,
+        stride_cd, COSINE, DOT_PRECISION, SINGLE_CHUNK, BLOCK_N, BLOCK_K, BLOCK_D,
+    )  # fmt: skip
+    tl.store(best_ptr + rows * MAX_SPLITS + split, best, mask=row_mask)
+    tl.store(best_idx_ptr + rows * MAX_SPLITS + split, idx, mask=row_mask)
+
+
+@triton.jit
+def _dynamic_quantize_emit_kernel(
+    feat_ptr,  # features[g] (B, D, Hg, Wg), any strides
+    gate_ptr,  # (B, H, W, G) gate, read only when HAS_GATE
+    codebook_ptr,  # (K, D) codes
+    cells_ptr,  # (>= count,) int64 raster ids of the coded cells, first `count` valid
+    count_ptr,  # (1,) int64 number of coded cells at this grain
+    best_ptr,  # (cells, MAX_SPLITS) fp32 from the search kernel
+    best_idx_ptr,  # (cells, MAX_SPLITS) int64 from the search kernel
+    splits_ptr,  # (1,) int32 number of codebook splits used
     quantized_ptr,  # out (B, D, Hf, Wf): codes written to the SPREAD x SPREAD finest cells of each cell
     indices_ptr,  # out (B, Hf, Wf) int64, broadcast the same way
-    partial_ptr,  # out (programs,) fp32: this program's sum of ||v - q||^2 (zero-initialised)
-    K,
+    partial_ptr,  # out (row tiles, channel tiles) fp32: sum of ||v - q||^2 over this program's tile
     D,
     Hg,
     Wg,
@@ -318,51 +488,49 @@ def _dynamic_quantize_fwd_kernel(
     stride_ib,
     stride_ih,
     stride_iw,
-    GRAIN: tl.constexpr,  # g: a region is REGION = 2**g cells of this grid wide
+    GRAIN: tl.constexpr,
     REGION: tl.constexpr,
     SPREAD: tl.constexpr,  # 2**(G-1-g): finest cells per cell of this grid, along each axis
     HAS_GATE: tl.constexpr,
-    COSINE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    SINGLE_CHUNK: tl.constexpr,  # D <= BLOCK_D: the vectors are loaded once
-    BLOCK_D: tl.constexpr,
-    EMIT_BLOCK_D: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # channels per program (axis 1 of the grid)
+    EMIT_BLOCK_D: tl.constexpr,  # channels per step
 ):
     pid = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
     count = tl.load(count_ptr)
     start = pid * BLOCK_N
-    # The grid covers every cell of the grid (the count is known only on the device).
     if start >= count:
         return
     rows = start + tl.arange(0, BLOCK_N)
     row_mask = rows < count
-    # Decoded in int32 (cells < 2**31, checked by the reasons): int64 division is a long software
-    # routine on the GPU and pushed this kernel into spills.
-    cell = tl.load(cells_ptr + rows, mask=row_mask, other=0).to(tl.int32)
-    x = (cell % Wg).to(tl.int64)
-    y = ((cell // Wg) % Hg).to(tl.int64)
-    b = (cell // (Wg * Hg)).to(tl.int64)
+    # Deterministic combine: the lowest score over the splits, ties to the lowest split (whose
+    # codes come first), so ties still go to the lowest code index.
+    splits = tl.load(splits_ptr)
+    offs_s = tl.arange(0, MAX_SPLITS)
+    part = rows[:, None] * MAX_SPLITS + offs_s[None, :]
+    part_mask = row_mask[:, None] & (offs_s[None, :] < splits)
+    scores = tl.load(best_ptr + part, mask=part_mask, other=float("inf"))
+    _, which = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    idx = tl.load(best_idx_ptr + rows * MAX_SPLITS + which, mask=row_mask, other=0)
+    b, y, x = _coded_rows(cells_ptr, rows, row_mask, Hg, Wg)
     row_off = b * stride_fb + y * stride_fh + x * stride_fw
-    if HAS_GATE:
-        gate_off = b * stride_gb + (y // REGION) * stride_gh + (x // REGION) * stride_gw + GRAIN * stride_gg
-        scale = tl.load(gate_ptr + gate_off, mask=row_mask, other=0.0).to(tl.float32)
-    else:
-        scale = tl.full((BLOCK_N,), 1.0, tl.float32)
-    idx = _nearest_code(
-        feat_ptr, row_off, scale, row_mask, stride_fd, codebook_ptr, code_sq_ptr, K, D, stride_ck, stride_cd,
-        COSINE, DOT_PRECISION, SINGLE_CHUNK, BLOCK_N, BLOCK_K, BLOCK_D,
-    )  # fmt: skip
+    scale = _gate_scale(
+        gate_ptr, b, y, x, row_mask, stride_gb, stride_gh, stride_gw, stride_gg, GRAIN, REGION, HAS_GATE
+    )
     out_off = b * stride_qb + (y * SPREAD) * stride_qh + (x * SPREAD) * stride_qw
+    d_lo = pid_d * BLOCK_D
     sq, _ = _emit_code(
         feat_ptr, row_off, scale, row_mask, stride_fd, codebook_ptr, idx, stride_ck, stride_cd,
-        quantized_ptr, out_off, stride_qd, stride_qh, stride_qw, D, SPREAD, BLOCK_N, EMIT_BLOCK_D,
+        quantized_ptr, out_off, stride_qd, stride_qh, stride_qw, d_lo, tl.minimum(d_lo + BLOCK_D, D), SPREAD,
+        BLOCK_N, EMIT_BLOCK_D,
     )  # fmt: skip
-    idx_off = b * stride_ib + (y * SPREAD) * stride_ih + (x * SPREAD) * stride_iw
-    for t in tl.static_range(SPREAD * SPREAD):
-        tl.store(indices_ptr + idx_off + (t // SPREAD) * stride_ih + (t % SPREAD) * stride_iw, idx, mask=row_mask)
-    tl.store(partial_ptr + pid, tl.sum(tl.where(row_mask, sq, 0.0), axis=0))
+    if pid_d == 0:
+        idx_off = b * stride_ib + (y * SPREAD) * stride_ih + (x * SPREAD) * stride_iw
+        for t in tl.static_range(SPREAD * SPREAD):
+            tl.store(indices_ptr + idx_off + (t // SPREAD) * stride_ih + (t % SPREAD) * stride_iw, idx, mask=row_mask)
+    tl.store(partial_ptr + pid * tl.num_programs(1) + pid_d, tl.sum(tl.where(row_mask, sq, 0.0), axis=0))
 
 
 @triton.jit
@@ -412,6 +580,7 @@ def _dynamic_quantize_bwd_kernel(
     HAS_GATE: tl.constexpr,
     HAS_GRAD_Q: tl.constexpr,
     HAS_GRAD_LOSS: tl.constexpr,
+    CHANNELS: tl.constexpr,  # channels per program (axis 1 of the grid)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -422,16 +591,13 @@ def _dynamic_quantize_bwd_kernel(
         return
     rows = start + tl.arange(0, BLOCK_N)
     row_mask = rows < count
-    cell = tl.load(cells_ptr + rows, mask=row_mask, other=0).to(tl.int32)
-    x = (cell % Wg).to(tl.int64)
-    y = ((cell // Wg) % Hg).to(tl.int64)
-    b = (cell // (Wg * Hg)).to(tl.int64)
+    b, y, x = _coded_rows(cells_ptr, rows, row_mask, Hg, Wg)
     feat_off = b * stride_fb + y * stride_fh + x * stride_fw
-    gate_off = b * stride_gb + (y // REGION) * stride_gh + (x // REGION) * stride_gw + GRAIN * stride_gg
-    if HAS_GATE:
-        scale = tl.load(gate_ptr + gate_off, mask=row_mask, other=0.0).to(tl.float32)
-    else:
-        scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+    scale = _gate_scale(
+        gate_ptr, b, y, x, row_mask, stride_gb, stride_gh, stride_gw, stride_gg, GRAIN, REGION, HAS_GATE
+    )
+    d_lo = tl.program_id(1).to(tl.int64) * CHANNELS
+    d_hi = tl.minimum(d_lo + CHANNELS, D)
     idx = tl.load(
         indices_ptr + b * stride_ib + (y * SPREAD) * stride_ih + (x * SPREAD) * stride_iw, mask=row_mask, other=0
     )
@@ -442,9 +608,9 @@ def _dynamic_quantize_bwd_kernel(
     grad_feat_off = b * stride_dfb + y * stride_dfh + x * stride_dfw
     gate_acc = tl.zeros((BLOCK_N,), tl.float32)
     offs_d0 = tl.arange(0, BLOCK_D)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(d_lo, d_hi, BLOCK_D):
         offs_d = d0 + offs_d0
-        mask = row_mask[:, None] & (offs_d[None, :] < D)
+        mask = row_mask[:, None] & (offs_d[None, :] < d_hi)
         f = tl.load(feat_ptr + feat_off[:, None] + offs_d[None, :] * stride_fd, mask=mask, other=0.0).to(tl.float32)
         grad_v = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         if HAS_GRAD_Q:
@@ -485,19 +651,24 @@ def _code_statistics_kernel(
     stride_xn,
     stride_xd,
     stride_i,
+    CHANNELS: tl.constexpr,  # channels per program (axis 1 of the grid)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     idx = tl.load(indices_ptr + rows * stride_i, mask=rows < N, other=-1).to(tl.int64)
     # Indices outside [0, K) are skipped rather than written out of bounds.
     valid = (rows < N) & (idx >= 0) & (idx < K)
-    tl.atomic_add(counts_ptr + idx, tl.full((BLOCK_N,), 1.0, tl.float32), mask=valid, sem="relaxed")
+    if pid_d == 0:
+        tl.atomic_add(counts_ptr + idx, tl.full((BLOCK_N,), 1.0, tl.float32), mask=valid, sem="relaxed")
     offs_d0 = tl.arange(0, BLOCK_D)
-    for d0 in range(0, D, BLOCK_D):
+    d_lo = pid_d * CHANNELS
+    d_hi = tl.minimum(d_lo + CHANNELS, D)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
         offs_d = d0 + offs_d0
-        mask = valid[:, None] & (offs_d[None, :] < D)
+        mask = valid[:, None] & (offs_d[None, :] < d_hi)
         x = tl.load(x_ptr + rows[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=mask, other=0.0)
         tl.atomic_add(sums_ptr + idx[:, None] * D + offs_d[None, :], x.to(tl.float32), mask=mask, sem="relaxed")
 
@@ -587,20 +758,36 @@ def dynamic_quantize_fwd(
     gate_arg = gate if gate is not None else code_sq  # never read without a gate
     gate_strides = gate.stride() if gate is not None else (0, 0, 0, 0)
     block_d = _block_d(D, codebook.dtype, gathered=True)
+    if device.type == "cuda":
+        target = SEARCH_WAVES * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = _INTERPRET_TARGET_PROGRAMS
+    channel_programs = triton.cdiv(D, _CHANNELS_PER_PROGRAM)
+    splits = torch.empty(1, dtype=torch.int32, device=device)
     partials = []
     for g, feat in enumerate(features):
         cap = cells[g].numel() - 1  # cells of the grain-g grid: an upper bound on the coded ones
         if cap == 0 or D == 0:
             continue
-        partial = torch.zeros(triton.cdiv(cap, _MIN_SEARCH_BLOCK_N), dtype=torch.float32, device=device)
-        grid = lambda meta, cap=cap: (triton.cdiv(cap, meta["BLOCK_N"]),)
-        _dynamic_quantize_fwd_kernel[grid](
-            feat, gate_arg, codebook, code_sq, cells[g], counts[g], quantized, indices, partial,
-            K, D, feat.shape[2], feat.shape[3], *feat.stride(), *gate_strides, *codebook.stride(),
+        best = torch.empty(cap, SEARCH_MAX_SPLITS, dtype=torch.float32, device=device)
+        best_idx = torch.empty(cap, SEARCH_MAX_SPLITS, dtype=torch.int64, device=device)
+        grid = lambda meta, cap=cap: (triton.cdiv(cap, meta["BLOCK_N"]) * SEARCH_MAX_SPLITS,)
+        _dynamic_quantize_search_kernel[grid](
+            feat, gate_arg, codebook, code_sq, cells[g], counts[g], best, best_idx, splits,
+            K, D, feat.shape[2], feat.shape[3], target, *feat.stride(), *gate_strides, *codebook.stride(),
+            GRAIN=g, REGION=2**g, HAS_GATE=gate is not None, COSINE=cosine,
+            DOT_PRECISION=_dot_precision(feat.dtype), SINGLE_CHUNK=D <= block_d, MAX_SPLITS=SEARCH_MAX_SPLITS,
+            BLOCK_D=block_d,
+        )  # fmt: skip
+        row_programs = triton.cdiv(cap, _ELEMENTWISE_BLOCK_N)
+        partial = torch.zeros(row_programs, channel_programs, dtype=torch.float32, device=device)
+        _dynamic_quantize_emit_kernel[(row_programs, channel_programs)](
+            feat, gate_arg, codebook, cells[g], counts[g], best, best_idx, splits, quantized, indices, partial,
+            D, feat.shape[2], feat.shape[3], *feat.stride(), *gate_strides, *codebook.stride(),
             *quantized.stride(), *indices.stride(),
-            GRAIN=g, REGION=2**g, SPREAD=2 ** (G - 1 - g), HAS_GATE=gate is not None, COSINE=cosine,
-            DOT_PRECISION=_dot_precision(feat.dtype), SINGLE_CHUNK=D <= block_d, BLOCK_D=block_d,
-            EMIT_BLOCK_D=EMIT_BLOCK_D,
+            GRAIN=g, REGION=2**g, SPREAD=2 ** (G - 1 - g), HAS_GATE=gate is not None, MAX_SPLITS=SEARCH_MAX_SPLITS,
+            BLOCK_N=_ELEMENTWISE_BLOCK_N, BLOCK_D=_CHANNELS_PER_PROGRAM,
+            EMIT_BLOCK_D=min(EMIT_BLOCK_D, _CHANNELS_PER_PROGRAM),
         )  # fmt: skip
         partials.append(partial.sum())
     sq_sum = torch.stack(partials).sum() if partials else torch.zeros((), dtype=torch.float32, device=device)
@@ -641,7 +828,7 @@ def dynamic_quantize_bwd(
         cap = cells[g].numel() - 1
         if cap == 0 or D == 0:
             continue
-        grid = (triton.cdiv(cap, _ELEMENTWISE_BLOCK_N),)
+        grid = (triton.cdiv(cap, _ELEMENTWISE_BLOCK_N), triton.cdiv(D, _CHANNELS_PER_PROGRAM))
         _dynamic_quantize_bwd_kernel[grid](
             feat, gate if gate is not None else dummy, codebook, indices, cells[g], counts[g],
             grad_q_arg, coef if coef is not None else dummy,
@@ -650,7 +837,7 @@ def dynamic_quantize_bwd(
             *grad_q_strides, *grad_features[g].stride(), *grad_gate_strides,
             GRAIN=g, REGION=2**g, SPREAD=2 ** (G - 1 - g), HAS_GATE=gate is not None,
             HAS_GRAD_Q=grad_quantized is not None, HAS_GRAD_LOSS=coef is not None,
-            BLOCK_N=_ELEMENTWISE_BLOCK_N, BLOCK_D=block_d,
+            CHANNELS=_CHANNELS_PER_PROGRAM, BLOCK_N=_ELEMENTWISE_BLOCK_N, BLOCK_D=block_d,
         )  # fmt: skip
     grad_gate = grad_gate.to(gate.dtype) if grad_gate is not None else None
     # Without a loss gradient nothing reaches the codebook (quantized is straight-through).
@@ -669,11 +856,12 @@ def code_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> t
     sums = torch.zeros(num_codes, D, dtype=torch.float32, device=x.device)
     if N == 0 or num_codes == 0:
         return counts, sums
-    block_d = min(triton.next_power_of_2(max(D, 1)), STATISTICS_BLOCK_D)
+    block_d = min(triton.next_power_of_2(max(D, 1)), STATISTICS_BLOCK_D, _CHANNELS_PER_PROGRAM)
     x = x.detach()
-    _code_statistics_kernel[(triton.cdiv(N, _ELEMENTWISE_BLOCK_N),)](
+    grid = (triton.cdiv(N, _ELEMENTWISE_BLOCK_N), triton.cdiv(max(D, 1), _CHANNELS_PER_PROGRAM))
+    _code_statistics_kernel[grid](
         x, indices, counts, sums, N, num_codes, D, x.stride(0), x.stride(1), indices.stride(0),
-        BLOCK_N=_ELEMENTWISE_BLOCK_N, BLOCK_D=block_d,
+        CHANNELS=_CHANNELS_PER_PROGRAM, BLOCK_N=_ELEMENTWISE_BLOCK_N, BLOCK_D=block_d,
     )  # fmt: skip
     return counts, sums
 

@@ -293,6 +293,38 @@ def test_grain_from_budget_half_precision_logits_rank_in_fp32():
     assert torch.equal(grain, ref.grain_from_budget(logits, 0.25))
 
 
+def test_codebook_split_keeps_ties_at_the_lowest_index_and_ranks_nan_as_inf():
+    """The search splits the codebook walk (K = 100: four code tiles of the interpreter's
+    BLOCK_K = 32, so four splits): exact duplicates in different splits resolve to the lowest
+    index, non-finite codes are never chosen, a vector with a NaN gets code 0, as in the
+    reference."""
+    seed(70)
+    B, H, W, D, K = 2, 2, 3, 6, 100
+    codebook = randn(K, D, device=DEV, scale=4.0)
+    codebook[70] = codebook[5]  # split 2 duplicates split 0
+    codebook[99] = codebook[40]  # split 3 duplicates split 1
+    codebook[33] = math.nan
+    codebook[64, 2] = math.inf
+    grain = torch.tensor([[[0, 1, 0], [1, 1, 0]], [[1, 0, 0], [0, 0, 1]]], device=DEV)
+    picks = torch.tensor([5, 70, 40, 99, 33, 64, 12, 80])
+    truth = [picks[torch.randint(0, len(picks), (B, H * 2**g, W * 2**g))].to(DEV) for g in range(2)]
+    clean = codebook.clone()
+    clean[33] = codebook[12]
+    clean[64] = codebook[80]
+    features = [clean[t].permute(0, 3, 1, 2) + 0.05 * randn(B, D, *t.shape[1:], device=DEV) for t in truth]
+    features[1][1, :, 0, 0] = math.nan  # region (0, 0) of image 1 is fine: this vector is coded
+    with dqfast.use_backend("triton"):
+        out = dqfast.dynamic_quantize(features, codebook, grain=grain)
+    with dqfast.use_backend("reference"):
+        want = dqfast.dynamic_quantize(features, codebook, grain=grain)
+    assert torch.equal(out.indices, want.indices)
+    assert not ((out.indices == 70) | (out.indices == 99) | (out.indices == 33) | (out.indices == 64)).any()
+    assert (out.indices == 5).any() and (out.indices == 40).any()
+    assert out.indices[1, 0, 0].item() == 0
+    assert torch.equal(out.quantized, want.quantized)
+    assert torch.isnan(out.loss) and torch.isnan(want.loss)
+
+
 # ----------------------------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ of the chosen code; well-separated codebooks and duplicated codes check indices 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -222,6 +224,52 @@ def test_explain_and_no_silent_fallback():
         if INTERPRET:
             why = dqfast.explain("vector_quantize", z.bfloat16(), codebook.bfloat16())
             assert any("interpreter" in w for w in why)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite input: a NaN distance compares as +inf (reference/vector_quantize.py)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("fill", [math.nan, math.inf, -math.inf])
+def test_non_finite_codes_and_vectors_match_the_reference(metric, fill):
+    seed(11)
+    K, D = 70, 7  # three code tiles of the interpreter's BLOCK_K = 32
+    codebook = randn(K, D, device=DEV, scale=3.0)
+    truth = torch.tensor([3, 66, 5, 40, 69, 0, 12, 3, 33, 8, 9, 10], device=DEV)
+    z = codebook[truth] + 0.01 * randn(truth.numel(), D, device=DEV)
+    # Non-finite codes in the first and the last tile (a whole row, a single entry): the vectors
+    # next to them (rows 0, 1, 7) must find the nearest finite code instead.
+    codebook[3] = fill
+    codebook[66, 2] = fill
+    # Vectors without any finite distance: a whole row, a single entry, and (l2) a finite vector
+    # whose squared norm overflows fp32. They get index 0, code 0 and its (non-finite) distance.
+    z[9] = fill
+    z[10, 4] = fill
+    bad = [9, 10]
+    if metric == "l2":
+        z[11] = 3e19
+        bad.append(11)
+    out = _kernel(z, codebook, metric)
+    with dqfast.use_backend("reference"):
+        want = dqfast.vector_quantize(z, codebook, metric=metric)
+    assert torch.equal(out.indices, want.indices)
+    assert out.indices[bad].tolist() == [0] * len(bad)
+    assert not ((out.indices == 3) | (out.indices == 66)).any()
+    assert torch.equal(out.quantized, want.quantized)
+    assert not torch.isfinite(out.distance[bad]).any()
+    torch.testing.assert_close(out.distance, want.distance, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_all_nan_codebook_gives_index_zero(metric):
+    seed(12)
+    z = randn(5, 7, device=DEV)
+    codebook = torch.full((40, 7), math.nan, device=DEV)
+    out = _kernel(z, codebook, metric)
+    assert out.indices.tolist() == [0] * 5
+    assert torch.isnan(out.quantized).all() and torch.isnan(out.distance).all()
 
 
 # ----------------------------------------------------------------------------------------------
