@@ -36,11 +36,13 @@ import json
 import math
 import os
 import stat
+import struct
 import sys
 import tempfile
 import time
 import traceback
 import warnings as warnings_module
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -159,6 +161,20 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
     ``max_pixels`` pixels (checked from the file's header, before decoding); warns about a dropped
     alpha channel and about the frames after the first of an animated or multi-page image.
     """
+    img, channels, warnings = open_image(path, max_pixels=max_pixels)
+    return _image_tensor(img, channels), channels, warnings
+
+
+def _image_tensor(img: Image.Image, channels: int) -> torch.Tensor:
+    array = np.array(img.convert("L" if channels == 1 else "RGB"))
+    if channels == 1:
+        array = np.repeat(array[..., None], 3, axis=2)
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+
+
+def open_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, int, list[str]]:
+    """The decoded Pillow image at ``path`` (not converted: a large photo stays in one copy), its
+    source channels (1 or 3) and warnings; checks as :func:`read_image`."""
     warnings: list[str] = []
     try:
         depth = _png_bit_depth(path)
@@ -187,21 +203,60 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
                 warnings.append(f"{path}: alpha channel dropped (the codec stores RGB or grayscale)")
             gray = mode in _GRAY_MODES
             img.load()
-            array = np.array(img.convert("L" if gray else "RGB"))
     except (Image.UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise CommandError(f"{path}: not an image Pillow can read ({_one_line(e)})") from e
     except (OSError, SyntaxError, ValueError) as e:  # Pillow reports some damaged files as SyntaxError
         reason = getattr(e, "strerror", None) or _one_line(e)
         raise CommandError(f"cannot read {path}: {reason}") from e
-    if gray:
-        array = np.repeat(array[..., None], 3, axis=2)
-    image = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
-    return image, 1 if gray else 3, warnings
+    return img, 1 if gray else 3, warnings
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """image: (3, H, W) in [0, 1] -> (H, W, 3) uint8, rounded as an 8-bit file stores it."""
     return (image.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def write_png(f: BinaryIO, bands, height: int, width: int, *, gray: bool = False) -> None:
+    """Write an 8-bit PNG to ``f`` from ``bands``: ``(y0, band)`` pairs, top to bottom, each band a
+    (3, rows, width) float tensor in [0, 1] (rounded as :func:`to_uint8`; ``gray``: converted to L
+    as Pillow does). Rows are Paeth-filtered and deflated as they come: the image is never whole in
+    memory."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    f.write(b"\x89PNG\r\n\x1a\n")
+    f.write(chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0 if gray else 2, 0, 0, 0)))
+    channels = 1 if gray else 3
+    deflate = zlib.compressobj(6)
+    previous = np.zeros((1, width * channels), np.int16)
+    written = 0
+    pending = b""
+    for y0, band in bands:
+        if y0 != written:
+            raise ValueError(f"bands must come top to bottom without gaps: expected row {written}, got {y0}")
+        rows = to_uint8(band)
+        if gray:
+            rows = np.asarray(Image.fromarray(rows).convert("L"))
+        rows = rows.reshape(rows.shape[0], width * channels).astype(np.int16)
+        up = np.concatenate([previous, rows[:-1]])
+        left = np.pad(rows, ((0, 0), (channels, 0)))[:, :-channels]
+        up_left = np.pad(up, ((0, 0), (channels, 0)))[:, :-channels]
+        estimate = left + up - up_left
+        pa, pb, pc = np.abs(estimate - left), np.abs(estimate - up), np.abs(estimate - up_left)
+        predicted = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, up_left))
+        filtered = ((rows - predicted) & 0xFF).astype(np.uint8)
+        lines = np.concatenate([np.full((rows.shape[0], 1), 4, np.uint8), filtered], axis=1)  # 4: Paeth
+        pending += deflate.compress(lines.tobytes())
+        if len(pending) >= 1 << 16:
+            f.write(chunk(b"IDAT", pending))
+            pending = b""
+        previous = rows[-1:]
+        written += rows.shape[0]
+    if written != height:
+        raise ValueError(f"the bands hold {written} rows, the image {height}")
+    f.write(chunk(b"IDAT", pending + deflate.flush()))
+    f.write(chunk(b"IEND", b""))
 
 
 def output_kind(path: str | os.PathLike) -> str:
@@ -337,7 +392,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     inp, out = Path(args.input), Path(args.output)
     _check_not_input(inp, out)
     _check_output(args.output, args.force)
-    image, channels, warnings = read_image(inp, max_pixels=args.max_pixels)
+    pillow_image, channels, warnings = open_image(inp, max_pixels=args.max_pixels)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     device = resolve_device(args.device)
@@ -347,6 +402,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise CommandError(f"--budget applies to DQ-VAE models; {name!r} is a CAE (use --quality)")
     if kind == "dqvae" and args.quality is not None:
         raise CommandError(f"--quality applies to CAE models; {name!r} is a DQ-VAE (use --budget)")
+    if kind == "dqvae":
+        image = pillow_image  # the DQ-VAE codec reads one row of tiles at a time
+    else:
+        image = _image_tensor(pillow_image, channels)
     start = time.perf_counter()
     result = encode(model, image, budget=args.budget, quality=args.quality, name=name, source_channels=channels)
     _synchronize(device)
@@ -354,7 +413,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     write_atomic(args.output, lambda f: f.write(result.data), overwrite=args.force)
     print(
         f"{out}: {len(result.data)} bytes, {result.bpp:.4f} bpp (model estimate {result.estimated_bpp:.4f}), "
-        f"{image.shape[2]}x{image.shape[1]}, {kind} {name!r}, {seconds:.2f} s"
+        f"{result.header.image_size[1]}x{result.header.image_size[0]}, {kind} {name!r}, {seconds:.2f} s"
     )
     return 0
 
@@ -392,14 +451,23 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     if kind != header.kind:
         raise CommandError(f"wrong model: {inp} is a {header.kind} file but model {name!r} is a {kind}")
     start = time.perf_counter()
-    with pixel_limit(args.max_pixels):
-        image, header = decode(data, model, name=name)
+    if kind == "dqvae":
+        # Band by band from the decoder into the PNG: memory stays at a few bands of the image.
+        from dqfast.codec.dq_codec import decode_dq_bands
+
+        with pixel_limit(args.max_pixels):
+            header, bands = decode_dq_bands(data, model, name=name)
+        H, W = header.image_size
+        write_atomic(args.output, lambda f: write_png(f, bands, H, W, gray=header.channels == 1), overwrite=args.force)
+    else:
+        with pixel_limit(args.max_pixels):
+            image, header = decode(data, model, name=name)
+        pixels = Image.fromarray(to_uint8(image))
+        if header.channels == 1:
+            pixels = pixels.convert("L")
+        write_atomic(args.output, lambda f: pixels.save(f, format="PNG"), overwrite=args.force)
     _synchronize(device)
     seconds = time.perf_counter() - start
-    pixels = Image.fromarray(to_uint8(image))
-    if header.channels == 1:
-        pixels = pixels.convert("L")
-    write_atomic(args.output, lambda f: pixels.save(f, format="PNG"), overwrite=args.force)
     print(f"{out}: {header.image_size[1]}x{header.image_size[0]} PNG from {len(data)} bytes, {seconds:.2f} s")
     return 0
 
