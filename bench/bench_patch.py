@@ -15,7 +15,8 @@
 
 GPU cases record peak memory (``measure`` resets the CUDA peak after warm-up). CPU cases run on
 one thread (see bench_subpixel_conv.py for why). ``python bench/bench_patch.py`` times the
-providers of each case this machine runs alternately (same load for all) and prints the ratios.
+providers of each case this machine runs alternately (same load for all) and prints the ratios;
+on a CPU it counts process CPU time by default (steadier than wall time on a shared machine).
 """
 
 from __future__ import annotations
@@ -145,17 +146,21 @@ def vq_fn(case: VQCase, provider: str) -> Callable[[], None]:
     return fn
 
 
-def side_by_side(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, float]:
-    """Best time of each fn over ``rounds`` alternating calls (order flipped every round), after one warm-up."""
+def side_by_side(fns: dict[str, Callable[[], object]], rounds: int = 3, timer=time.perf_counter) -> dict[str, float]:
+    """Best time of each fn over ``rounds`` alternating calls (order flipped every round), after one warm-up.
+
+    ``timer=time.process_time`` counts this process's CPU time: on a shared, loaded CPU machine with
+    one thread it is far steadier than wall time (other processes' time slices do not count).
+    """
     best = dict.fromkeys(fns, float("inf"))
     names = list(fns)
     for i in range(rounds + 1):
         for name in names if i % 2 else reversed(names):
-            start = time.perf_counter()
+            start = timer()
             fns[name]()
             sync()
             if i:
-                best[name] = min(best[name], time.perf_counter() - start)
+                best[name] = min(best[name], timer() - start)
     return best
 
 
@@ -211,10 +216,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--latent", type=int, default=None, help="override the small decoder's latent side")
+    parser.add_argument("--wall", action="store_true", help="CPU: wall time instead of process CPU time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    timer = time.perf_counter if HAS_CUDA or args.wall else time.process_time
     print(device_info())
     print(f"threads: {torch.get_num_threads()}, rounds: {args.rounds} (best of each, alternating)")
+    print(f"timer: {timer.__name__}")
     for case in DECODER_CASES:
         if case.gpu_only and not HAS_CUDA:
             continue
@@ -224,20 +232,20 @@ def main() -> None:
         if HAS_CUDA:
             fns[COMPILED_EAGER] = decoder_fn(case, COMPILED_EAGER)
             fns[PATCHED_COMPILED] = decoder_fn(case, PATCHED_COMPILED)
-        best = side_by_side(fns, args.rounds)
+        best = side_by_side(fns, args.rounds, timer)
         times = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in best.items())
         print(f"decoder {case.name} {8 * case.latent}px: {times}; eager/patched {best[EAGER] / best[PATCHED]:.2f}x")
     for channels, side, dtype, gpu_only in UPSAMPLE_CASES:
         if gpu_only and not HAS_CUDA:
             continue
         fns = {name: upsample_fn(channels, side, dtype, name) for name in (EAGER, PATCHED)}
-        best = side_by_side(fns, args.rounds)
+        best = side_by_side(fns, args.rounds, timer)
         times = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in best.items())
         print(f"Upsample2D c{channels} {side}->{2 * side}: {times}; eager/patched {best[EAGER] / best[PATCHED]:.2f}x")
     for case in VQ_CASES:
         if case.gpu_only and not HAS_CUDA:
             continue
-        best = side_by_side({LIBRARY: vq_fn(case, LIBRARY), PATCHED: vq_fn(case, PATCHED)}, args.rounds)
+        best = side_by_side({LIBRARY: vq_fn(case, LIBRARY), PATCHED: vq_fn(case, PATCHED)}, args.rounds, timer)
         times = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in best.items())
         print(f"VectorQuantize fwd+bwd {case.name}: {times}; library/patched {best[LIBRARY] / best[PATCHED]:.2f}x")
 
