@@ -169,6 +169,23 @@ def test_compile_dynamic_quantize_and_attention_fullgraph():
     _compare_compiled(TinyTokenizerBlock(D), inputs)
 
 
+def test_compile_patched_decoder_fullgraph():
+    torch.manual_seed(11)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.Conv2d(4, 2 * 4, 3, padding=1),
+        nn.PixelShuffle(2),
+    )
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    before = model(x)
+    dqfast.patch(model)
+    assert not any(isinstance(m, nn.PixelShuffle | nn.Upsample) for m in model.modules()), model
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+    _compare_compiled(model, (x,))
+
+
 @pytest.mark.slow
 def test_compile_decoder_with_inductor():
     torch.manual_seed(9)
