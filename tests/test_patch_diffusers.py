@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -307,3 +308,14 @@ def test_vqmodel_quantizer_and_decoder_are_patched(count_calls):
         expected = reference(x).sample
     assert count_calls["vector_quantize"] == 1 and count_calls["upsample_conv2d"] >= 1
     torch.testing.assert_close(out, expected, **FP32_TOL)
+
+
+def test_classes_are_recognised_only_while_diffusers_is_imported(monkeypatch):
+    module = Upsample2D(4, use_conv=True)
+    assert patch(module, inplace=False).names == [""]
+    for name in list(sys.modules):
+        if name.split(".")[0] == "diffusers":
+            monkeypatch.delitem(sys.modules, name)
+    report = patch(module)
+    assert report.names == [] and report.skipped == []
+    assert type(module) is Upsample2D
