@@ -67,7 +67,7 @@ class Case:
 CASES = [Case(B * 32 * 32, K, D) for B in (8, 64) for K in (1024, 16384) for D in (4, 8, 32, 256)] + [
     Case(256, 64, 8, gpu_only=False),
     Case(1024, 256, 32, gpu_only=False),
-    Case(4096, 1024, 64, gpu_only=False),
+    Case(2048, 512, 64, gpu_only=False),
 ]
 
 

@@ -637,6 +637,21 @@ def test_subpixel_conv2d(padding_mode, activation, k, r):
     )
 
 
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu", "gelu", "silu"])
+def test_conv_activations_without_autograd(activation):
+    """Without autograd the activation runs in place on the fresh conv output."""
+    seed(33)
+    x, w, b = (t.detach() for t in conv_inputs(2, 3, 8, 5, 6, 3))
+    with torch.no_grad():
+        for fast_fn, ref_fn, ww, bb, kw in (
+            (fast_spc.subpixel_conv2d, ref_spc.subpixel_conv2d, w, b, dict(upscale=2)),
+            (fast_spc.upsample_conv2d, ref_spc.upsample_conv2d, w[:3], b[:3], dict(scale=2)),
+        ):
+            out = fast_fn(x, ww, bb, activation=activation, negative_slope=0.3, **kw)
+            want = ref_fn(x.double(), ww.double(), bb.double(), activation=activation, negative_slope=0.3, **kw)
+            torch.testing.assert_close(out.double(), want, **FP32_TOL)
+
+
 def test_subpixel_conv2d_noncontiguous_and_empty():
     seed(25)
     x, w, b = conv_inputs(1, 4, 8, 6, 5, 3)

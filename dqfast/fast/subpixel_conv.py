@@ -32,16 +32,18 @@ _F_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicat
 
 
 def _activation(y: torch.Tensor, activation: str | None, negative_slope: float) -> torch.Tensor:
+    """The activation, in place on the fresh conv output ``y`` when autograd does not record it."""
     if activation is None:
         return y
+    inplace = not (torch.is_grad_enabled() and y.requires_grad)
     if activation == "relu":
-        return F.relu(y)
+        return F.relu(y, inplace=inplace)
     if activation == "leaky_relu":
-        return F.leaky_relu(y, negative_slope)
+        return F.leaky_relu(y, negative_slope, inplace=inplace)
     if activation == "gelu":
         return F.gelu(y, approximate="none")
     if activation == "silu":
-        return F.silu(y)
+        return F.silu(y, inplace=inplace)
     raise ValueError(f"unknown activation {activation!r}")
 
 
