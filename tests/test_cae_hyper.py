@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dqfast.codec import CodecError, decode, encode
+from dqfast.codec import CodecError, decode, encode, unpack
 from dqfast.codec import cae_hyper_codec as hc
 from dqfast.data import TrainingMix, color_augment, dead_leaves
 from dqfast.models import create
@@ -117,18 +117,74 @@ def test_corrupted_and_foreign_files_are_refused(model):
         decode(bytes(data), other, name="t")
 
 
-def test_tiled_transforms_match_whole_image(model, monkeypatch):
-    """Large images run the transforms by tiles with a halo: same symbols and image as one pass here."""
+def _banded(monkeypatch) -> None:
+    """Make a small image stream through bands, with several column tiles in every transform."""
+    monkeypatch.setattr(hc, "TILED_ABOVE", 64 * 64)
+    monkeypatch.setattr(hc, "BAND_ROWS", 8)
+    monkeypatch.setattr(hc, "TILE", 64)
+    monkeypatch.setattr(hc, "HYPER_TILE", 16)
+    monkeypatch.setattr(hc, "SIDE_TILE", 4)
+    monkeypatch.setattr(hc, "SYNTH_TILE", 8)
+    monkeypatch.setattr(hc, "OUT_ROWS", 48)
+
+
+def test_banded_codec_round_trips_exactly_and_matches_whole_image(model, monkeypatch):
+    """Large images stream through bands and tiles with halos: the decoder recovers exactly the
+    encoder's symbols, and the result is the whole-image pass up to float rounding (no seams)."""
     x = _image(200, 136, seed=5)
     whole = encode(model, x, quality=2.0, name="t")
-    monkeypatch.setattr(hc, "TILED_ABOVE", 64 * 64)
-    monkeypatch.setattr(hc, "TILE", 64)
-    tiled = encode(model, x, quality=2.0, name="t")
-    assert tiled.data == whole.data
-    image_tiled, _ = decode(tiled.data, model, name="t")
-    monkeypatch.setattr(hc, "TILED_ABOVE", 10**9)
+    z_whole, res_whole, _ = hc.decode_hyper_symbols(*unpack(whole.data), model)
     image_whole, _ = decode(whole.data, model, name="t")
+
+    _banded(monkeypatch)
+    sent = []
+    add = hc._Groups.add
+    monkeypatch.setattr(hc._Groups, "add", lambda self, v, lv: (sent.append(v.copy()), add(self, v, lv))[1])
+    tiled = encode(model, x, quality=2.0, name="t")
+    plan = hc._Plan(model, 200, 136)
+    assert plan.tiled and len(plan.bands) == 4 and len(sent) == 4
+    z, res, _ = hc.decode_hyper_symbols(*unpack(tiled.data), model)
+    for (a, b), values in zip(plan.bands, sent):
+        np.testing.assert_array_equal(res[:, a:b].numpy().reshape(-1), values)
+    assert torch.equal(z, z_whole)
+    assert (res != res_whole).float().mean() < 1e-3
+    assert abs(len(tiled.data) - len(whole.data)) < 0.01 * len(whole.data)
+
+    image_tiled, _ = decode(tiled.data, model, name="t")
     torch.testing.assert_close(image_tiled, image_whole, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        expected = model.decompress_symbols(z, res, 2.0, (200, 136))[0]
+    torch.testing.assert_close(image_tiled, expected, atol=1e-5, rtol=0)
+    header, bands = hc.decode_hyper_bands(tiled.data, model, name="t")
+    bands = list(bands)
+    assert [y0 for y0, _ in bands] == [0, 48, 64, 112, 128, 176, 192]
+    assert torch.equal(torch.cat([band for _, band in bands], 1), image_tiled)
+
+
+@pytest.mark.parametrize("banded", [False, True])
+def test_pillow_image_codes_as_its_tensor(model, monkeypatch, banded):
+    from PIL import Image
+
+    from dqfast.codec.cli import _image_tensor
+
+    if banded:
+        _banded(monkeypatch)
+    pixels = (_image(90, 75, seed=2).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    for img, channels in ((Image.fromarray(pixels), 3), (Image.fromarray(pixels[..., 1]), 1)):
+        from_pillow = encode(model, img, quality=1.5, name="t", source_channels=channels)
+        from_tensor = encode(model, _image_tensor(img, channels), quality=1.5, name="t", source_channels=channels)
+        assert from_pillow.data == from_tensor.data
+
+
+def test_levels_in_float32_match_a_float64_search():
+    exact = hc.SCALE_LEVELS.astype(np.float32)
+    near = np.concatenate(
+        [exact, np.nextafter(exact, np.float32(0)), np.nextafter(exact, np.float32(np.inf)), [0.0, 0.11, 1e-3, 300.0]]
+    ).astype(np.float32)
+    rng = np.random.default_rng(0)
+    s = np.concatenate([near, np.exp(rng.uniform(-3, 6, 5000)).astype(np.float32)])
+    expected = np.minimum(np.searchsorted(hc.SCALE_LEVELS, s.astype(np.float64), side="left"), 63)
+    np.testing.assert_array_equal(hc._levels(torch.from_numpy(s)), expected)
 
 
 def test_grouped_coder_escapes_and_detects_truncation():

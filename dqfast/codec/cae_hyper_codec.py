@@ -8,18 +8,38 @@ A file holds two streams:
 2. the latent residuals ``round((y - mu) · g)`` (M channels at 1/8 resolution). The decoder
    recomputes every latent's mean and scale from the decoded ``z``; each scale is rounded up to
    one of :data:`SCALE_LEVELS` (64 log-spaced levels, CompressAI's table), and all residuals of
-   one level are coded, in raster order, with that level's zero-mean Gaussian table. The tables
-   are a pure function of the levels: the same integers on every machine.
+   one level are coded with that level's zero-mean Gaussian table, in level order. Within a level
+   the order is band by band (bands of :data:`BAND_ROWS` latent rows, top to bottom), and channel,
+   row, column within a band; an image of at most :data:`TILED_ABOVE` pixels is one band (plain
+   raster order). The tables are a pure function of the levels: the same integers on every machine.
 
 The encoder and the decoder compute the means and scales with the same function on the same
-decoded symbols, so the decoder's table choice is the encoder's (bit-exact on one machine; a
-machine whose float convolutions round differently can pick another level for a scale lying on a
-level boundary, which the tables' CRC in the header cannot see — as with every learned codec that
-predicts its probabilities with a network).
+decoded symbols and the same tiles, so the decoder's table choice is the encoder's (bit-exact on
+one machine; a machine whose float convolutions round differently can pick another level for a
+scale lying on a level boundary, which the tables' CRC in the header cannot see — as with every
+learned codec that predicts its probabilities with a network).
 
 Rate control: ``quality`` in [0.5, L] picks (and interpolates) the model's ladder of gains; it is
-stored in the header. Large images run the analysis and synthesis transforms tile by tile with a
-halo (:mod:`dqfast.codec.tiling`), so their memory is bounded by the tile, not the image.
+stored in the header.
+
+Memory and time: an image of at most :data:`TILED_ABOVE` pixels runs every transform on the whole
+image at once. A larger one streams through bands of :data:`BAND_ROWS` latent rows (``8 ·
+BAND_ROWS`` image rows), each transform run by column tiles with a halo covering its receptive
+field (:mod:`dqfast.codec.tiling`), so the result equals a whole-image pass up to float rounding
+and has no seams:
+
+- encoder: the image is read a band at a time (a Pillow image is never converted whole), the
+  analysis, the hyper-analysis and the hyper-synthesis (means and scales, by tiles of the side
+  information fixed by the image size: the decoder uses the very same tiles) run one band ahead
+  of each other, and what stays for the whole image is the side information and the table
+  symbols of the residuals, one byte per latent for tables of at most 256 entries, two above;
+- decoder: one pass computes every latent's table level (one byte per latent), the residuals are
+  decoded into int16 (values outside int16, only ever escaped ones, are kept aside), then the
+  means are recomputed band by band and the synthesis yields the image a band at a time
+  (:func:`decode_hyper_bands`; ``python -m dqfast decompress`` streams them into the PNG).
+
+Time grows linearly with the pixels; peak memory is about 3 bytes per latent (0.05 bytes per
+pixel at M = 96) on top of fixed per-band buffers.
 """
 
 from __future__ import annotations
@@ -27,10 +47,12 @@ from __future__ import annotations
 import functools
 import math
 import zlib
+from collections.abc import Callable, Iterator
 
 import constriction
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dqfast.codec.container import (
@@ -46,14 +68,23 @@ from dqfast.codec.container import (
 )
 from dqfast.codec.entropy import (
     END_MARK,
+    TOTAL,
     IntegerTables,
     check_symbol_range,
     decode_rows,
     encode_rows,
     information_bits,
 )
+from dqfast.codec.tiling import run_tiled
 
-__all__ = ["SCALE_LEVELS", "DEFAULT_QUALITY", "encode_hyper", "decompress_hyper", "decode_hyper_symbols"]
+__all__ = [
+    "SCALE_LEVELS",
+    "DEFAULT_QUALITY",
+    "encode_hyper",
+    "decompress_hyper",
+    "decode_hyper_bands",
+    "decode_hyper_symbols",
+]
 
 # Scales (in symbol units) of the residual tables: 64 log-spaced levels from 0.11 to 256.
 SCALE_LEVELS = np.exp(np.linspace(math.log(0.11), math.log(256.0), 64))
@@ -62,10 +93,22 @@ TAIL_MASS = 1e-6
 MAX_HALF_RANGE = 2047
 # The middle of the ladder: about 0.4-0.6 bpp on photographs.
 DEFAULT_QUALITY = 4.0
-# Images above this many pixels run the transforms tile by tile (input tiles of TILE pixels).
+# Images above this many pixels stream through bands of BAND_ROWS latent rows (a multiple of 4).
 TILED_ABOVE = 1536 * 1536
-TILE = 512
+BAND_ROWS = 64
+# Column tiles of the banded transforms: analysis (image pixels), hyper-analysis (latents),
+# hyper-synthesis (side-information pixels), synthesis (latents).
+TILE = 1024
+HYPER_TILE = 256
+SIDE_TILE = 64
+SYNTH_TILE = 128
+# Rows per image band handed out by decode_hyper_bands.
+OUT_ROWS = 128
 _HALF = 1 << 16
+# Residuals are decoded into int16; non-escaped values lie within a table (|v| <= 5 * 256 + 1).
+_I16 = np.iinfo(np.int16)
+# The float64 rate estimate runs on chunks of this many latents.
+_CHUNK = 1 << 20
 
 
 def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -128,57 +171,210 @@ def _side_tables(model: nn.Module, q: float) -> tuple[IntegerTables, np.ndarray,
     return IntegerTables.from_pmf(pmf, -bound), pmf, -bound
 
 
+def _level_bounds() -> torch.Tensor:
+    """float32 thresholds t_i, the largest float32 <= SCALE_LEVELS[i]: for a float32 scale s,
+    ``s <= SCALE_LEVELS[i]`` exactly when ``s <= t_i``, so bucketing in float32 picks the level
+    that a float64 search would."""
+    t = SCALE_LEVELS.astype(np.float32)
+    t = np.where(t.astype(np.float64) > SCALE_LEVELS, np.nextafter(t, np.float32(-np.inf)), t)
+    return torch.from_numpy(t.astype(np.float32))
+
+
+_BOUNDS = _level_bounds()
+
+
 def _levels(scales: torch.Tensor) -> np.ndarray:
-    """Flat (M·h·w,) table index of every latent: the smallest level at or above its scale."""
-    s = scales.detach().cpu().double().numpy().reshape(-1)
-    return np.minimum(np.searchsorted(SCALE_LEVELS, s, side="left"), len(SCALE_LEVELS) - 1)
+    """uint8 table index of every scale (same shape): the smallest level at or above it."""
+    s = scales.detach().float().contiguous()
+    idx = torch.bucketize(s, _BOUNDS.to(s.device), out_int32=True).clamp_max_(len(SCALE_LEVELS) - 1)
+    return idx.to(torch.uint8).cpu().numpy()
 
 
-def _encode_grouped(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """Code ``values`` (n,) with table ``levels[i]`` each, grouped by level (level order, raster order within)."""
+def _radius(net: nn.Module) -> float:
+    """Receptive-field radius of a chain of (sub-pixel) convolutions, in pixels of its input grid."""
+    from dqfast.nn import SubPixelConv2d
+
+    radius, step = 0.0, 1.0  # step: one pixel of the current grid, in input pixels
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            radius += (m.kernel_size[0] // 2) * m.dilation[0] * step
+            step *= m.stride[0]
+        elif isinstance(m, SubPixelConv2d):
+            radius += (m.kernel_size // 2) * step
+            step /= m.upscale
+    return radius
+
+
+def _halo(net: nn.Module, align: int) -> int:
+    """The receptive-field radius rounded up to a multiple of ``align`` (at least ``align``)."""
+    return max(align, align * math.ceil(_radius(net) / align))
+
+
+class _Plan:
+    """How an image of H x W pixels is cut: latent bands and the halos of each transform.
+
+    A pure function of the image size and the model's architecture, so encoder and decoder
+    compute the means and scales on the same tiles."""
+
+    def __init__(self, model: nn.Module, H: int, W: int):
+        self.H, self.W = H, W
+        self.h, self.w = model.latent_size(H, W)
+        self.hz, self.wz = self.h // 4, self.w // 4
+        self.m, self.n = model.latent_channels, model.hyper_channels
+        self.tiled = H * W > TILED_ABOVE
+        band = BAND_ROWS if self.tiled else self.h
+        self.bands = [(a, min(a + band, self.h)) for a in range(0, self.h, band)]
+        self.zband = band // 4
+        self.enc_halo = _halo(model.encoder, 8)
+        self.hyper_halo = _halo(model.hyper_analysis, 4)
+        self.side_halo = _halo(model.hyper_synthesis, 1)
+        self.dec_halo = _halo(model.decoder, 1)
+
+    def cols(self, tile: int, length: int) -> int:
+        """Column tile: ``tile`` for a banded image, the whole width otherwise."""
+        return tile if self.tiled else length
+
+
+class _Rows:
+    """Rows of (C, rows, w) tensors produced band by band, top to bottom: ``get`` any row range
+    (pulling bands as needed), ``forget`` the rows above a line."""
+
+    def __init__(self, bands: Iterator[tuple[int, torch.Tensor]]):
+        self._bands = bands
+        self._held: list[tuple[int, torch.Tensor]] = []
+        self.end = 0
+
+    def get(self, a: int, b: int) -> torch.Tensor:
+        while self.end < b:
+            start, t = next(self._bands)
+            self._held.append((start, t))
+            self.end = start + t.shape[1]
+        parts = [
+            t[:, max(a, s) - s : min(b, s + t.shape[1]) - s] for s, t in self._held if s < b and s + t.shape[1] > a
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def forget(self, below: int) -> None:
+        self._held = [(s, t) for s, t in self._held if s + t.shape[1] > below]
+
+
+def _side_band(model: nn.Module, z: torch.Tensor, q: float, plan: _Plan, a: int, b: int):
+    """(mu, scales), each (M, b - a, w): the gained means and scales of latent rows [a, b) from the
+    side information z (N, hz, wz) float32, by tiles of z (SIDE_TILE columns, the band's rows)
+    with a halo. Encoder and decoder call this with the same arguments."""
+    za, zb = a // 4, b // 4
+    s0, s1 = max(0, za - plan.side_halo), min(plan.hz, zb + plan.side_halo)
+
+    def side(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat(model.side_parameters(t, q))
+
+    out = run_tiled(
+        side,
+        z[:, s0:s1],
+        tile=(s1 - s0, plan.cols(SIDE_TILE, plan.wz)),
+        halo=(0, plan.side_halo),
+        scale=(4, 1),
+    )
+    out = out[:, 4 * (za - s0) : 4 * (zb - s0)]
+    return out[: plan.m], out[plan.m :]
+
+
+# ----------------------------------------------------------------------------------------------
+# Residuals grouped by table level
+# ----------------------------------------------------------------------------------------------
+
+
+class _Groups:
+    """The encoder's residuals as table symbols, grouped by level, band by band (1-2 bytes each)."""
+
+    def __init__(self):
+        self.symbols: dict[int, list[np.ndarray]] = {}
+        self.escaped: dict[int, list[np.ndarray]] = {}
+
+    def add(self, values: np.ndarray, levels: np.ndarray) -> None:
+        """One band: values (n,) int32 residuals in coding order, levels (n,) uint8 their table levels."""
+        tables = _residual_tables()
+        counts = np.bincount(levels, minlength=len(SCALE_LEVELS))
+        order = np.argsort(levels, kind="stable")  # a radix sort for uint8: raster order within a level
+        grouped = values[order]
+        del order
+        start = 0
+        for level in np.flatnonzero(counts):
+            group = grouped[start : start + counts[level]]
+            start += counts[level]
+            table = tables[level]
+            escape = table.counts.shape[1] - 1
+            outside = (group < table.lo) | (group > table.hi)
+            dtype = np.uint8 if escape < 256 else np.uint16
+            self.symbols.setdefault(int(level), []).append(np.where(outside, escape, group - table.lo).astype(dtype))
+            if outside.any():
+                self.escaped.setdefault(int(level), []).append(group[outside])
+
+    def encode(self) -> np.ndarray:
+        """The stream: symbols of level 0, 1, ... (bands in order within a level), escapes, end mark."""
+        tables = _residual_tables()
+        coder = constriction.stream.stack.AnsCoder()
+        # ANS is a stack: push what the decoder reads last first.
+        coder.encode_reverse(np.array(END_MARK, dtype=np.int32), constriction.stream.model.Uniform(_HALF))
+        parts = [e for level in sorted(self.escaped) for e in self.escaped[level]]
+        if parts:
+            escaped = np.concatenate(parts).astype(np.int32).view(np.uint32)
+            halves = np.stack([escaped & (_HALF - 1), escaped >> 16], axis=1).reshape(-1).astype(np.int32)
+            coder.encode_reverse(halves, constriction.stream.model.Uniform(_HALF))
+        for level in sorted(self.symbols, reverse=True):
+            model = constriction.stream.model.Categorical(tables[level].probabilities()[0], perfect=False)
+            for symbols in reversed(self.symbols[level]):
+                coder.encode_reverse(symbols.astype(np.int32), model)
+        return coder.get_compressed()
+
+
+def _decode_levels(
+    words: np.ndarray, levels: list[np.ndarray]
+) -> tuple[list[np.ndarray], list[tuple[int, np.ndarray, np.ndarray]]]:
+    """Inverse of :meth:`_Groups.encode` given every band's levels (uint8, any shape).
+
+    Returns (residuals, overflow): one int16 array per band (the shape of its levels) and the
+    escaped values that do not fit int16 as (band, flat positions, int32 values), to add back.
+    """
     tables = _residual_tables()
-    coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(np.array(END_MARK, dtype=np.int32), constriction.stream.model.Uniform(_HALF))
-    escaped_all, pushes = [], []
-    for level in np.unique(levels):
-        table = tables[level]
-        group = values[levels == level]
-        outside = (group < table.lo) | (group > table.hi)
-        escape = table.counts.shape[1] - 1
-        symbols = np.where(outside, escape, group - table.lo).astype(np.int32)
-        pushes.append((symbols, table))
-        escaped_all.append(group[outside])
-    escaped = np.concatenate(escaped_all).astype(np.int32).view(np.uint32) if escaped_all else np.zeros(0, np.uint32)
-    if escaped.size:
-        halves = np.stack([escaped & (_HALF - 1), escaped >> 16], axis=1).reshape(-1).astype(np.int32)
-        coder.encode_reverse(halves, constriction.stream.model.Uniform(_HALF))
-    for symbols, table in reversed(pushes):
-        model = constriction.stream.model.Categorical(table.probabilities()[0], perfect=False)
-        coder.encode_reverse(symbols, model)
-    return coder.get_compressed()
-
-
-def _decode_grouped(words: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_encode_grouped` given the same ``levels``: (n,) int64."""
-    tables = _residual_tables()
-    out = np.empty(levels.shape, dtype=np.int64)
+    counts = [np.bincount(lv.reshape(-1), minlength=len(SCALE_LEVELS)) for lv in levels]
+    total = np.sum(counts, axis=0) if counts else np.zeros(len(SCALE_LEVELS), np.int64)
+    need = sum(float(n) * -math.log2(tables[i].counts.max() / TOTAL) for i, n in enumerate(total) if n)
+    if 32 * np.size(words) + 64 < 0.9 * need:
+        raise CodecError(
+            f"corrupted file: a stream of {4 * np.size(words)} bytes cannot hold {int(total.sum())} residuals "
+            f"(they need at least {need / 8:.0f} bytes)"
+        )
+    out = [np.zeros(lv.shape, dtype=np.int16) for lv in levels]
+    escapes: list[tuple[int, np.ndarray]] = []
     try:
         coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
-        escapes = []
-        for level in np.unique(levels):
+        for level in np.flatnonzero(total):
             table = tables[level]
-            where = levels == level
-            model = constriction.stream.model.Categorical(table.probabilities()[0], perfect=False)
-            symbols = coder.decode(model, int(where.sum())).astype(np.int64)
             escape = table.counts.shape[1] - 1
-            values = symbols + table.lo
-            escapes.append(np.flatnonzero(where)[symbols == escape])
-            out[where] = values
-        escaped_at = np.concatenate(escapes) if escapes else np.zeros(0, np.int64)
-        if escaped_at.size:
-            halves = coder.decode(constriction.stream.model.Uniform(_HALF), 2 * escaped_at.size).astype(np.uint32)
-            # Escapes were pushed in level order, the order ``escapes`` lists them in.
-            out[escaped_at] = (halves[0::2] | (halves[1::2] << 16)).astype(np.uint32).view(np.int32)
+            model = constriction.stream.model.Categorical(table.probabilities()[0], perfect=False)
+            for k, lv in enumerate(levels):
+                if not counts[k][level]:
+                    continue
+                where = np.flatnonzero(lv.reshape(-1) == level)
+                symbols = coder.decode(model, where.size)
+                out[k].reshape(-1)[where] = symbols + table.lo  # escapes: placeholders, set below
+                hit = symbols == escape
+                if hit.any():
+                    escapes.append((k, where[hit]))
+        overflow = []
+        n_escaped = sum(e.size for _, e in escapes)
+        if n_escaped:
+            halves = coder.decode(constriction.stream.model.Uniform(_HALF), 2 * n_escaped).astype(np.uint32)
+            values = (halves[0::2] | (halves[1::2] << 16)).astype(np.uint32).view(np.int32)
+            start = 0
+            for k, where in escapes:
+                v = values[start : start + where.size]
+                start += where.size
+                fits = (v >= _I16.min) & (v <= _I16.max)
+                out[k].reshape(-1)[where[fits]] = v[fits]
+                if not fits.all():
+                    overflow.append((k, where[~fits], v[~fits]))
         guard = tuple(int(v) for v in coder.decode(constriction.stream.model.Uniform(_HALF), len(END_MARK)))
         leftover = not coder.is_empty()
     except (ValueError, KeyError) as e:
@@ -187,83 +383,179 @@ def _decode_grouped(words: np.ndarray, levels: np.ndarray) -> np.ndarray:
         raise CodecError("corrupted file: the entropy-coded stream ends early or is damaged (no end mark)")
     if leftover:
         raise CodecError("corrupted file: the entropy-coded stream holds more data than the header announces")
+    return out, overflow
+
+
+def _encode_grouped(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Code ``values`` (n,) int32-range integers with table ``levels[i]`` each (one band)."""
+    groups = _Groups()
+    groups.add(np.asarray(values).astype(np.int32), np.asarray(levels).astype(np.uint8))
+    return groups.encode()
+
+
+def _decode_grouped(words: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_encode_grouped` given the same ``levels``: (n,) int64."""
+    (out,), overflow = _decode_levels(words, [np.asarray(levels).astype(np.uint8)])
+    out = out.astype(np.int64)
+    for _, where, v in overflow:
+        out[where] = v
     return out
 
 
 def _residual_bits(values: np.ndarray, scales: torch.Tensor) -> float:
-    """Ideal code length of the residuals under their (unrounded) Gaussian scales."""
-    v = torch.from_numpy(values.astype(np.float64))
-    s = scales.detach().cpu().double().reshape(-1)
-    a = v.abs()
-    mass = (_normal_cdf((0.5 - a) / s) - _normal_cdf((-0.5 - a) / s)).clamp_min(1e-300)
-    return float(-torch.log2(mass).sum())
+    """Ideal code length of the residuals (n,) under their (unrounded) Gaussian scales (any shape, n)."""
+    s_all = scales.detach().reshape(-1)
+    bits = 0.0
+    for i in range(0, values.size, _CHUNK):
+        v = torch.from_numpy(values[i : i + _CHUNK].astype(np.float64))
+        s = s_all[i : i + _CHUNK].cpu().double()
+        a = v.abs()
+        mass = (_normal_cdf((0.5 - a) / s) - _normal_cdf((-0.5 - a) / s)).clamp_min(1e-300)
+        bits += float(-torch.log2(mass).sum())
+    return bits
 
 
-def _analysis(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """The latents y of a (1, 3, H, W) image, tile by tile for large images."""
-    if batch.shape[-2] * batch.shape[-1] <= TILED_ABOVE:
-        return model.analysis(batch)
-    from dqfast.codec.tiling import run_tiled
-
-    x = (model._pad(batch) - model.pixel_mean) / model.pixel_std
-    return run_tiled(lambda t: model.encoder(t).float(), x, tile=TILE, halo=32, scale=(1, 8))
+def _check_range(x: torch.Tensor, what: str = "latents") -> None:
+    """:func:`check_symbol_range` on the extremes only (NaN and infinities propagate to them)."""
+    if x.numel():
+        check_symbol_range(torch.stack([x.min(), x.max()]), what=what)
 
 
-def _synthesis(model: nn.Module, y_hat: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
-    h, w = output_size
-    if h * w <= TILED_ABOVE:
-        return model.synthesis(y_hat, output_size)
-    from dqfast.codec.tiling import run_tiled
+# ----------------------------------------------------------------------------------------------
+# Encoder
+# ----------------------------------------------------------------------------------------------
 
-    out = run_tiled(lambda t: model.decoder(t), y_hat, tile=TILE // 8, halo=4, scale=(8, 1))
-    out = out * model.pixel_std + model.pixel_mean
-    return out[..., :h, :w].clamp(0.0, 1.0)
+
+def _pixel_rows(image, source_channels: int) -> tuple[int, int, Callable[[int, int], torch.Tensor]]:
+    """(H, W, rows): ``rows(y0, y1)`` -> (3, y1 - y0, W) float32 in [0, 1] of a (3, H, W) float
+    tensor in [0, 1] or a Pillow image (converted a band at a time, as the command line reads it:
+    a grayscale source replicated to RGB)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        W, H = image.size
+        if H < 1 or W < 1 or max(H, W) > 0xFFFF:
+            raise ValueError(f"image sides must lie in 1..65535 pixels, got {W}x{H}")
+
+        def pil_rows(y0: int, y1: int) -> torch.Tensor:
+            band = image.crop((0, y0, W, y1))
+            array = np.asarray(band.convert("L" if source_channels == 1 else "RGB"))
+            if array.ndim == 2:
+                array = np.repeat(array[..., None], 3, axis=2)
+            return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+        return H, W, pil_rows
+    batch = check_image(image)
+    return image.shape[1], image.shape[2], lambda y0, y1: batch[0, :, y0:y1]
+
+
+def _padded_rows(rows: Callable, plan: _Plan, r0: int, r1: int) -> torch.Tensor:
+    """(1, 3, r1 - r0, 8w) rows of the image padded (edge replication) to the latent grid."""
+    H, W = plan.H, plan.W
+    if r0 >= H:
+        x = rows(H - 1, H)[None].expand(-1, -1, r1 - r0, -1)
+    else:
+        x = rows(r0, min(r1, H))[None]
+    pad_rows = r1 - r0 - x.shape[2]
+    pad_cols = 8 * plan.w - W
+    if pad_rows or pad_cols:
+        x = F.pad(x, (0, pad_cols, 0, pad_rows), mode="replicate")
+    return x
+
+
+def _latent_bands(model: nn.Module, plan: _Plan, rows: Callable, device) -> Iterator[tuple[int, torch.Tensor]]:
+    """(a, y) per band: the latents y (M, b - a, w) float32 of latent rows [a, b)."""
+    halo = plan.enc_halo
+    for a, b in plan.bands:
+        r0, r1 = max(0, 8 * a - halo), min(8 * plan.h, 8 * b + halo)
+        x = (_padded_rows(rows, plan, r0, r1).to(device) - model.pixel_mean) / model.pixel_std
+        y = run_tiled(
+            lambda t: model.encoder(t).float(),
+            x,
+            tile=(r1 - r0, plan.cols(TILE, 8 * plan.w)),
+            halo=(0, halo),
+            scale=(1, 8),
+        )
+        yield a, y[0, :, a - r0 // 8 : b - r0 // 8]
 
 
 def encode_hyper(
     model: nn.Module,
-    image: torch.Tensor,
+    image,
     *,
     quality: float | None = None,
     name: str | None = None,
     source_channels: int = 3,
 ) -> Compressed:
-    """Compress ``image`` (3, H, W) in [0, 1] at ``quality`` in [1, L] (default :data:`DEFAULT_QUALITY`)."""
-    batch = check_image(image)
+    """Compress ``image`` at ``quality`` in [min_quality, L] (default :data:`DEFAULT_QUALITY`).
+
+    ``image``: a (3, H, W) floating-point tensor in [0, 1] or a Pillow image (read a band at a
+    time; ``source_channels`` 1 converts it as grayscale).
+    """
+    channels = check_source_channels(source_channels)
+    H, W, rows = _pixel_rows(image, channels)
     q = _quality(model, quality)
     fingerprint = model_fingerprint(model)
     device = next(model.parameters()).device
+    plan = _Plan(model, H, W)
+    m, h, w, n, hz, wz = plan.m, plan.h, plan.w, plan.n, plan.hz, plan.wz
+    groups = _Groups()
+    bits = 0.0
     with torch.no_grad():
-        y = _analysis(model, batch.to(device))
         latent_gain, hyper_gain = model.gains(q, 1, device)
-        z = model.hyper_analysis(y).float() * hyper_gain
-        check_symbol_range(z, what="side information")
-        z_symbols = torch.round(z)[0]
-        mu, scales = model.side_parameters(z_symbols, q)
-        residual = y[0] * latent_gain[0] - mu
-        check_symbol_range(residual)
-    z_np = z_symbols.cpu().numpy().astype(np.int64)
-    n, hz, wz = z_np.shape
-    values = torch.round(residual).cpu().numpy().astype(np.int64)
-    m, h, w = values.shape
+        latents = _Rows(_latent_bands(model, plan, rows, device))
+        z = torch.zeros((n, hz, wz), dtype=torch.float32, device=device)
+        z_done = 0
+        for a, b in plan.bands:
+            # The side information one band ahead: the means and scales of rows [a, b) read z
+            # up to side_halo rows below, which read the latents up to hyper_halo rows below.
+            while z_done < min(hz, b // 4 + plan.side_halo):
+                za, zb = z_done, min(hz, z_done + plan.zband)
+                ya, yb = max(0, 4 * za - plan.hyper_halo), min(h, 4 * zb + plan.hyper_halo)
+                side = run_tiled(
+                    lambda t: model.hyper_analysis(t).float(),
+                    latents.get(ya, yb)[None],
+                    tile=(yb - ya, plan.cols(HYPER_TILE, w)),
+                    halo=(0, plan.hyper_halo),
+                    scale=(1, 4),
+                )
+                side = side[0, :, za - ya // 4 : zb - ya // 4] * hyper_gain[0]
+                _check_range(side, "side information")
+                z[:, za:zb] = torch.round(side)
+                z_done = zb
+            mu, scales = _side_band(model, z, q, plan, a, b)
+            residual = latents.get(a, b) * latent_gain[0] - mu
+            _check_range(residual)
+            values = torch.round(residual).to(torch.int32).cpu().numpy().reshape(-1)
+            del residual, mu
+            groups.add(values, _levels(scales).reshape(-1))
+            bits += _residual_bits(values, scales)
+            del values, scales
+            latents.forget(min(b, 4 * z_done - plan.hyper_halo))
+        del latents
+    z_np = z.cpu().numpy().astype(np.int64).reshape(n, hz * wz)
     z_tables, z_pmf, z_lo = _side_tables(model, q)
-    z_words = encode_rows(z_np.reshape(n, hz * wz), z_tables)
-    levels = _levels(scales)
-    y_words = _encode_grouped(values.reshape(-1), levels)
+    z_words = encode_rows(z_np, z_tables)
+    y_words = groups.encode()
     header = Header(
         kind="cae",
         model_name=name if name is not None else type(model).__name__,
         weights_hash=fingerprint,
         tables_hash=zlib.crc32(_residual_digest().to_bytes(4, "little"), z_tables.digest()),
-        image_size=tuple(image.shape[1:]),
-        channels=check_source_channels(source_channels),
+        image_size=(H, W),
+        channels=channels,
         padded_size=(8 * h, 8 * w),
         latent_shape=(m, h, w),
         setting=q,
         params=(z_lo, z_tables.hi, n),
     )
-    bits = information_bits(z_np.reshape(n, hz * wz), z_pmf, z_lo) + _residual_bits(values.reshape(-1), scales)
+    bits += information_bits(z_np, z_pmf, z_lo)
     return Compressed(pack(header, [z_words, y_words]), header, bits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder
+# ----------------------------------------------------------------------------------------------
 
 
 def _check_layout(header: Header, model: nn.Module) -> tuple[int, int, int, int, int, int]:
@@ -277,11 +569,25 @@ def _check_layout(header: Header, model: nn.Module) -> tuple[int, int, int, int,
     return expected
 
 
-def decode_hyper_symbols(
-    header: Header, streams: list[np.ndarray], model: nn.Module
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(z symbols (N, hz, wz), residuals (M, h, w), quality) of a parsed file, for a checked model."""
-    m, h, w, n, hz, wz = _check_layout(header, model)
+class _Decoded:
+    """A parsed file's symbols: side information z (N, hz, wz) float32 and the residuals by band."""
+
+    def __init__(self, plan, q, z, residuals, overflow):
+        self.plan, self.q, self.z = plan, q, z
+        self.residuals: list[np.ndarray | None] = residuals
+        self.overflow = overflow
+
+    def band_values(self, k: int) -> np.ndarray:
+        """Band k's residuals (M, rows, w) as int32 (overflowing escapes restored)."""
+        v = self.residuals[k].astype(np.int32)
+        for j, where, values in self.overflow:
+            if j == k:
+                v.reshape(-1)[where] = values
+        return v
+
+
+def _decode_symbols(header: Header, streams: list[np.ndarray], model: nn.Module) -> _Decoded:
+    _, h, w, n, hz, wz = _check_layout(header, model)
     q = header.setting
     if not (math.isfinite(q) and model.min_quality <= q <= model.levels):
         raise CodecError(
@@ -296,24 +602,96 @@ def decode_hyper_symbols(
         raise CodecError(
             "probability tables differ from the encoder's: this machine computes the model's tables differently"
         )
-    z_np = decode_rows(streams[0], z_tables, hz * wz).reshape(n, hz, wz)
     device = next(model.parameters()).device
-    z_symbols = torch.from_numpy(z_np).to(device)
+    z = torch.from_numpy(decode_rows(streams[0], z_tables, hz * wz).reshape(n, hz, wz)).to(device).float()
+    plan = _Plan(model, *header.image_size)
+    levels = []
     with torch.no_grad():
-        _, scales = model.side_parameters(z_symbols, q)
-    values = _decode_grouped(streams[1], _levels(scales)).reshape(m, h, w)
-    return z_symbols, torch.from_numpy(values).to(device), q
+        for a, b in plan.bands:
+            _, scales = _side_band(model, z, q, plan, a, b)
+            levels.append(_levels(scales))
+            del scales
+    residuals, overflow = _decode_levels(streams[1], levels)
+    return _Decoded(plan, q, z, residuals, overflow)
 
 
-def decompress_hyper(data: bytes, model: nn.Module, *, name: str | None = None) -> torch.Tensor:
-    """Bytes of a variable-rate CAE file -> the image (3, H, W) float32 in [0, 1] on the model's device."""
+def decode_hyper_symbols(
+    header: Header, streams: list[np.ndarray], model: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(z symbols (N, hz, wz) int64, residuals (M, h, w) int64, quality) of a parsed file, for a checked model."""
+    d = _decode_symbols(header, streams, model)
+    values = np.concatenate([d.band_values(k) for k in range(len(d.plan.bands))], axis=1)
+    device = d.z.device
+    return d.z.long(), torch.from_numpy(values.astype(np.int64)).to(device), d.q
+
+
+def _image_bands(model: nn.Module, d: _Decoded) -> Iterator[tuple[int, torch.Tensor]]:
+    """(y0, band) for every band of latent rows: (3, rows, W) in [0, 1] on the model's device.
+    Releases each band's residuals once used."""
+    plan, halo = d.plan, d.plan.dec_halo
+    device = d.z.device
+    latent_gain, _ = model.gains(d.q, 1, device)
+
+    def latents() -> Iterator[tuple[int, torch.Tensor]]:
+        for k, (a, b) in enumerate(plan.bands):
+            mu, _ = _side_band(model, d.z, d.q, plan, a, b)
+            values = torch.from_numpy(d.band_values(k)).to(device)
+            d.residuals[k] = None
+            yield a, (values.float() + mu) / latent_gain[0]
+
+    with torch.no_grad():
+        y_hat = _Rows(latents())
+        for a, b in plan.bands:
+            s0, s1 = max(0, a - halo), min(plan.h, b + halo)
+            out = run_tiled(
+                model.decoder,
+                y_hat.get(s0, s1)[None],
+                tile=(s1 - s0, plan.cols(SYNTH_TILE, plan.w)),
+                halo=(0, halo),
+                scale=(8, 1),
+            )
+            y_hat.forget(b - halo)
+            out = out[0, :, 8 * (a - s0) : 8 * (min(b, plan.h) - s0)]
+            out = out[:, : max(0, min(8 * b, plan.H) - 8 * a), : plan.W]
+            out = out * model.pixel_std[0] + model.pixel_mean[0]
+            yield 8 * a, out.clamp(0.0, 1.0)
+
+
+def _parse(data: bytes, model: nn.Module, name: str | None) -> tuple[Header, _Decoded]:
     header, streams = unpack(data)
     if header.kind != "cae":
         raise CodecError(f"this is a {header.kind} file, not a CAE file")
     check_model(header, name if name is not None else type(model).__name__, model_fingerprint(model))
-    z_symbols, values, q = decode_hyper_symbols(header, streams, model)
-    with torch.no_grad():
-        latent_gain, _ = model.gains(q, 1, z_symbols.device)
-        mu, _ = model.side_parameters(z_symbols, q)
-        y_hat = (values.float() + mu)[None] / latent_gain
-        return _synthesis(model, y_hat, header.image_size)[0]
+    return header, _decode_symbols(header, streams, model)
+
+
+def decode_hyper_bands(
+    data: bytes, model: nn.Module, *, name: str | None = None
+) -> tuple[Header, Iterator[tuple[int, torch.Tensor]]]:
+    """Parse and check a variable-rate CAE file, then decode it band by band.
+
+    Returns (header, bands): ``bands`` yields ``(y0, band)`` top to bottom, ``band`` a (3, rows, W)
+    float32 CPU tensor in [0, 1] of image rows ``y0 .. y0 + rows`` (at most :data:`OUT_ROWS`
+    rows). The whole file is decoded into symbols before this returns (a damaged file fails
+    here); the synthesis runs lazily, so memory stays at a few bands whatever the image size.
+    """
+    header, d = _parse(data, model, name)
+
+    def generate() -> Iterator[tuple[int, torch.Tensor]]:
+        for y0, band in _image_bands(model, d):
+            for i in range(0, band.shape[1], OUT_ROWS):
+                yield y0 + i, band[:, i : i + OUT_ROWS].cpu()
+
+    return header, generate()
+
+
+def decompress_hyper(data: bytes, model: nn.Module, *, name: str | None = None) -> torch.Tensor:
+    """Bytes of a variable-rate CAE file -> the image (3, H, W) float32 in [0, 1] on the model's device."""
+    header, d = _parse(data, model, name)
+    H, W = header.image_size
+    if len(d.plan.bands) == 1:
+        return next(_image_bands(model, d))[1]
+    image = torch.empty((3, H, W), dtype=torch.float32, device=d.z.device)
+    for y0, band in _image_bands(model, d):
+        image[:, y0 : y0 + band.shape[1]] = band
+    return image

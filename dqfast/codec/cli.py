@@ -386,6 +386,13 @@ def _synchronize(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _banded(model: nn.Module) -> bool:
+    """Whether ``model``'s codec reads and writes images a band at a time (the variable-rate CAE)."""
+    from dqfast.models.cae_hyper import HyperpriorCAE
+
+    return isinstance(model, HyperpriorCAE)
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from dqfast.codec import codec_kind, encode
 
@@ -402,8 +409,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise CommandError(f"--budget applies to DQ-VAE models; {name!r} is a CAE (use --quality)")
     if kind == "dqvae" and args.quality is not None:
         raise CommandError(f"--quality applies to CAE models; {name!r} is a DQ-VAE (use --budget)")
-    if kind == "dqvae":
-        image = pillow_image  # the DQ-VAE codec reads one row of tiles at a time
+    if kind == "dqvae" or _banded(model):
+        image = pillow_image  # the DQ-VAE and variable-rate CAE codecs read the image a band at a time
     else:
         image = _image_tensor(pillow_image, channels)
     start = time.perf_counter()
@@ -451,12 +458,14 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     if kind != header.kind:
         raise CommandError(f"wrong model: {inp} is a {header.kind} file but model {name!r} is a {kind}")
     start = time.perf_counter()
-    if kind == "dqvae":
+    if kind == "dqvae" or _banded(model):
         # Band by band from the decoder into the PNG: memory stays at a few bands of the image.
+        from dqfast.codec.cae_hyper_codec import decode_hyper_bands
         from dqfast.codec.dq_codec import decode_dq_bands
 
         with pixel_limit(args.max_pixels):
-            header, bands = decode_dq_bands(data, model, name=name)
+            decode_bands = decode_dq_bands if kind == "dqvae" else decode_hyper_bands
+            header, bands = decode_bands(data, model, name=name)
         H, W = header.image_size
         write_atomic(args.output, lambda f: write_png(f, bands, H, W, gray=header.channels == 1), overwrite=args.force)
     else:
