@@ -319,3 +319,11 @@ def test_classes_are_recognised_only_while_diffusers_is_imported(monkeypatch):
     report = patch(module)
     assert report.names == [] and report.skipped == []
     assert type(module) is Upsample2D
+
+
+def test_patched_decoder_traces_without_graph_breaks():
+    decoder = _vae().decoder.eval()
+    patch(decoder)
+    explanation = torch._dynamo.explain(decoder)(torch.randn(1, 4, 5, 6))
+    assert explanation.graph_break_count == 0, [str(r.reason)[:300] for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
