@@ -742,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", help="import dqfast's kernels from this checkout instead of this one")
     ap.add_argument("--check", action="store_true", help="exit 1 when a criterion is unmet")
     ap.add_argument("--list", action="store_true", help="list the compiles (scenario, kernel, config); compile nothing")
+    ap.add_argument("--note", default="", help="a sentence for the report's header")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     a = ap.parse_args(argv)
 
@@ -762,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = compile_all(launches, jobs=a.jobs, verbose=not a.quiet)
     elapsed = time.perf_counter() - t0
     source = f"Kernels from `{Path(a.root).name}`." if a.root else ""
-    text = markdown(rows, source)
+    subset = "Scenarios: `--subset test` (every op in bf16; dynamic quantize and code statistics in fp32 too)."
+    text = markdown(rows, " ".join(x for x in (source, subset if a.subset == "test" else "", a.note) if x))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text)
