@@ -62,6 +62,9 @@ __all__ = ["compress_dq", "decompress_dq", "decode_dq_bands", "encode_dq", "TILE
 
 # Tiles tokenized or decoded per network call: bounds memory on large images.
 TILE_BATCH = 8
+# Tiles whose codes are laid out (c2f flatten / unflatten) at once: the layout's temporaries are
+# several times the code map, so a whole large image's would cost hundreds of MB.
+TOKEN_CHUNK = 1024
 # Half-width of the blend band around an interior tile border, as a fraction of the tile side.
 # 1/8: measured on held-out photos (dqvae-small, budget 0.5), the gradient across tile borders falls
 # from 6.5-7x the gradient elsewhere to 1.06-1.38x; the shifted tiles decode worse than aligned ones
@@ -137,8 +140,14 @@ def encode_dq(
     indices, grain = torch.cat(indices).long(), torch.cat(grain).long()
 
     G = model.num_grains
-    tokens = dqfast.c2f_flatten(indices, grain, num_grains=G)
-    codes = torch.cat([c[m] for c, m in zip(tokens.codes, _coded_mask(tokens))]).numpy()[None]
+    # The stream is grain-major over all tiles (every tile's coarse codes, then the finer ones):
+    # flatten a chunk of tiles at a time, collecting each grain's codes in tile order.
+    per_grain: list[list[torch.Tensor]] = [[] for _ in range(G)]
+    for idx, gr in zip(indices.split(TOKEN_CHUNK), grain.split(TOKEN_CHUNK)):
+        tokens = dqfast.c2f_flatten(idx, gr, num_grains=G)
+        for g, (c, m) in enumerate(zip(tokens.codes, _coded_mask(tokens))):
+            per_grain[g].append(c[m])
+    codes = torch.cat([t for chunks in per_grain for t in chunks]).numpy()[None]
     grain_rows = grain.reshape(1, -1).numpy()
     grain_counts = tuple(int(n) for n in np.bincount(grain_rows[0], minlength=G))
     grain_pmf, grain_tables, code_pmf, code_tables = _tables(model, grain_counts)
@@ -212,19 +221,26 @@ def decode_dq_tokens(header: Header, streams: list[np.ndarray], model: nn.Module
     if np.bincount(grain_flat, minlength=G).tolist() != list(header.params):
         raise CodecError("corrupted file: the decoded grain map disagrees with the header's counts")
     grain = torch.from_numpy(grain_flat).reshape(T, side, side)
-    # The grain map alone fixes every code's slot: flatten a blank code map to get the positions.
-    blank = torch.zeros(T, side * 2 ** (G - 1), side * 2 ** (G - 1), dtype=torch.int64)
-    layout = dqfast.c2f_flatten(blank, grain, num_grains=G)
-    masks = _coded_mask(layout)
-    n_codes = sum(int(m.sum()) for m in masks)
-    flat = torch.from_numpy(decode_rows(streams[1], code_tables, n_codes)[0])
-    codes, start = [], 0
-    for c, m in zip(layout.codes, masks):
-        filled = c.clone()
-        filled[m] = flat[start : start + int(m.sum())]
-        start += int(m.sum())
-        codes.append(filled)
-    indices, _ = dqfast.c2f_unflatten(layout._replace(codes=tuple(codes)))
+    del grain_flat
+    # Grain g's codes: params[g] regions of 4**g codes each, one segment per grain, in tile order.
+    per_grain = [n * 4**g for g, n in enumerate(header.params)]
+    flat = torch.from_numpy(decode_rows(streams[1], code_tables, sum(per_grain))[0])
+    starts = np.concatenate([[0], np.cumsum(per_grain)[:-1]]).tolist()
+    fine = side * 2 ** (G - 1)
+    indices = torch.empty(T, fine, fine, dtype=torch.int64)
+    # The grain map alone fixes every code's slot: flatten a blank code map (a chunk of tiles at a
+    # time) to get the positions, fill them from each grain's segment, unflatten.
+    for t0 in range(0, T, TOKEN_CHUNK):
+        gr = grain[t0 : t0 + TOKEN_CHUNK]
+        layout = dqfast.c2f_flatten(torch.zeros(gr.shape[0], fine, fine, dtype=torch.int64), gr, num_grains=G)
+        codes = []
+        for g, (c, m) in enumerate(zip(layout.codes, _coded_mask(layout))):
+            n = int(m.sum())
+            filled = c.clone()
+            filled[m] = flat[starts[g] : starts[g] + n]
+            starts[g] += n
+            codes.append(filled)
+        indices[t0 : t0 + gr.shape[0]], _ = dqfast.c2f_unflatten(layout._replace(codes=tuple(codes)))
     return indices, grain
 
 
