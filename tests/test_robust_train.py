@@ -22,10 +22,11 @@ from dqfast.__main__ import main as cli_main
 from tests.test_train import _args, _log, _write_images
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 24
 # SIGKILLs per run of test_random_kills_resume_bit_identically: a few in make test, more on request
 # (DQFAST_TRAIN_KILLS=20 is the full check).
 KILLS = int(os.environ.get("DQFAST_TRAIN_KILLS", "3"))
+# Enough steps that every kill lands before the run ends (a kill lets it advance 0-2 steps).
+STEPS = 12 + 2 * KILLS
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_random_kills_resume_bit_identically(data_dir, tmp_path):
     while kills < KILLS and time.monotonic() < deadline:
         # Kill once the log holds a random number of lines, after a random extra delay: the kill
         # lands anywhere in a step, in a checkpoint write or the weights export.
-        target = _logged_steps(killed) + rng.randrange(0, 4)
+        target = _logged_steps(killed) + rng.randrange(0, 3)
         proc = subprocess.Popen(
             _command(data_dir, killed, "--resume"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
@@ -84,8 +85,8 @@ def test_random_kills_resume_bit_identically(data_dir, tmp_path):
         if (killed / train.STATE_FILE).exists():
             state = train.read_checkpoint(killed / train.STATE_FILE)  # never half a file
             assert 1 <= state["step"] <= STEPS
-        assert not [p for p in killed.iterdir() if p.name.endswith(".tmp")] or True  # temp files are allowed
-    assert kills >= min(KILLS, 2), f"only {kills} kills landed"
+    print(f"{kills} SIGKILLs, each resumed")
+    assert kills == KILLS, f"only {kills} of {KILLS} kills landed before the run ended or the deadline"
     done = subprocess.run(
         _command(data_dir, killed, "--resume"), env=_env(), capture_output=True, text=True, timeout=600
     )
