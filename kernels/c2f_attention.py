@@ -24,8 +24,10 @@ dq deterministic. Pad positions are never read, as queries or as keys (whatever 
 NaN, cannot leak in): pad queries write exact zeros and ``lse = +inf``, and rows a backward tile
 does not load read ``lse = +inf``, so their probabilities and gradients are exact zeros.
 
-Decoding splits the cache over the key axis (flash-decoding): each program reduces one chunk of
-keys to a partial (max, sum, accumulator) and a small kernel merges the chunks.
+Decoding splits the cache over the key axis (flash-decoding): each program takes one query and
+reduces one chunk of keys to a partial (max, sum, accumulator), its scores as row reductions of
+q * k (a single query would fill 1 of 16 rows of a tensor-core tile), and a small kernel merges the
+chunks. Invalid cache slots are masked out of the K and V loads themselves, so they are never read.
 
 Scores are handled in base 2: ``scale * log2(e)`` is folded into the scores so the online softmax
 uses ``exp2``, and the saved log-sum-exp is in those units.
@@ -62,9 +64,15 @@ MAX_HEAD_DIM = 256
 LOG2E = math.log2(math.e)
 # Every tl.dot dimension must be >= 16 on the GPU, so head dims below 16 are padded up to 16.
 MIN_BLOCK_D = 16
-# Decoding: queries are padded to a 16-row tile so the score and value products stay tl.dot.
-DECODE_BLOCK_M = 16
+# Decoding: one program per (b, h, query, key chunk); a single query's scores are a row
+# reduction (sum of q * k over Dh), not a tl.dot padded to 16 query rows (15 of 16 rows of
+# padding). The kernel is memory-bound: its K and V loads are unconditional (masked by validity,
+# so holes cost no bytes) and the key loop is software-pipelined over DECODE_NUM_STAGES tiles.
 DECODE_BLOCK_N = 16 if _INTERPRET else 64
+DECODE_NUM_STAGES = 3
+# Fewest key tiles a chunk is given before the cache is split further, so that each program has
+# several tiles in flight rather than one.
+DECODE_MIN_TILES_PER_SPLIT = 2
 # Upper bound on key chunks per (b, h, query tile); the merge kernel loads all of them at once.
 DECODE_MAX_SPLITS = 64
 # Positions and in-slice offsets are int32 (only the (b, h) base offset is int64).
@@ -80,25 +88,49 @@ def _configs(space: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     config in the interpreter, where tuning is slow and 16 is the smallest tl.dot size."""
     if _INTERPRET:
         space = [(16, 16, 4, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in space]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in dict.fromkeys(space)
+    ]
 
 
-# Forward: the program owns a query tile (BLOCK_M) and walks key tiles (BLOCK_N). The small
-# low-stage configs at the end keep Dh = 256 (and fp32 at Dh = 128) within the H100's 227 KiB of
-# shared memory (checked by compiling for sm_90); configs that do not fit are skipped by autotune.
-_FWD_CONFIGS = _configs(
-    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
-    + [(64, 32, 4, 2), (32, 32, 4, 2)]
-)
+# Every space below was compiled for sm_90 at the bench's headline shapes (Dh 128 DQ-Transformer,
+# Dh 64 VAR): no 16-bit config spills or needs more than 227 KiB of shared memory. A 128-row tile
+# takes 8 warps (with 4, the forward (128, 64) spilled 392 B and dq (128, 32) 376 B); dk/dv keep
+# four BLOCK_N x Dh tiles (k, v, dk, dv) live, so 64- and 128-key tiles take 8 warps (with 4,
+# (32, 128) spilled 2 KB and (64, 64) 244 B; (64, 64) still spilled 140 B with 8, and (32, 32)
+# 12 B at Dh 64).
+#
+# fp32 inputs go through tensor cores as tf32x3 (three tf32 products: about fp32 accuracy, as
+# the vector quantizer does). Each operand is split in two, so fp32 tiles need about twice the
+# registers and shared memory of 16-bit ones: they get their own small spaces, and the autotuner
+# prunes by dtype (the union is listed so every config is visible to tooling).
+_FWD_16 = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4), (32, 32, 4, 2)]
+_FWD_32 = [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)]
 # dq: like the forward.
-_BWD_DQ_CONFIGS = _configs(
-    [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3)] + [(32, 32, 4, 2)]
-)
+_BWD_DQ_16 = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)]
+_BWD_DQ_32 = [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)]
 # dk, dv: the program owns a key tile (BLOCK_N) and walks query tiles (BLOCK_M).
-_BWD_DKDV_CONFIGS = _configs(
-    [(32, 128, 8, 3), (32, 128, 4, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)]
-    + [(32, 32, 4, 2), (16, 32, 4, 2)]
-)
+_BWD_DKDV_16 = [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3), (16, 64, 4, 2), (16, 32, 4, 2)]
+_BWD_DKDV_32 = [(32, 32, 4, 2), (16, 32, 4, 2), (32, 64, 8, 2)]
+
+_FWD_CONFIGS = _configs(_FWD_16 + _FWD_32)
+_BWD_DQ_CONFIGS = _configs(_BWD_DQ_16 + _BWD_DQ_32)
+_BWD_DKDV_CONFIGS = _configs(_BWD_DKDV_16 + _BWD_DKDV_32)
+
+
+def _by_dtype(space_16: list, space_32: list):
+    """early_config_prune keeping the configs of the launch's dtype (fp32 or 16-bit)."""
+    keep_16, keep_32 = set(space_16), set(space_32)
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        if _INTERPRET:
+            return configs
+        keep = keep_32 if named_args["Q"].dtype == torch.float32 else keep_16
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+        return kept or configs
+
+    return {"early_config_prune": prune}
+
 
 # ----------------------------------------------------------------------------------------------
 # @triton.jit helpers
@@ -292,7 +324,7 @@ def _bwd_dkdv_tile(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["L", "HEAD_DIM", "IS_CAUSAL"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["L", "HEAD_DIM", "IS_CAUSAL"], prune_configs_by=_by_dtype(_FWD_16, _FWD_32))
 @triton.jit
 def _c2f_attention_fwd_kernel(
     Q,  # (B, H, L, Dh) queries, any strides
@@ -419,7 +451,9 @@ def _c2f_attention_bwd_preprocess_kernel(
     tl.store(DELTA + bh * L + offs_m, delta, mask=offs_m < L)
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=["L", "HEAD_DIM", "IS_CAUSAL"])
+@triton.autotune(
+    configs=_BWD_DQ_CONFIGS, key=["L", "HEAD_DIM", "IS_CAUSAL"], prune_configs_by=_by_dtype(_BWD_DQ_16, _BWD_DQ_32)
+)
 @triton.jit
 def _c2f_attention_bwd_dq_kernel(
     Q,  # (B, H, L, Dh) queries, any strides
@@ -511,7 +545,11 @@ def _c2f_attention_bwd_dq_kernel(
     )
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["L", "HEAD_DIM", "IS_CAUSAL"])
+@triton.autotune(
+    configs=_BWD_DKDV_CONFIGS,
+    key=["L", "HEAD_DIM", "IS_CAUSAL"],
+    prune_configs_by=_by_dtype(_BWD_DKDV_16, _BWD_DKDV_32),
+)
 @triton.jit
 def _c2f_attention_bwd_dkdv_kernel(
     Q,  # (B, H, L, Dh) queries, any strides
@@ -642,8 +680,9 @@ def _c2f_decode_attention_fwd_kernel(
     K,  # (B, H, Lk, Dh) key cache, any strides
     V,  # (B, H, Lk, Dh) value cache, any strides
     KEY_VALID,  # (B, Lk) uint8 view of the bool key_valid, any strides
-    PART_ACC,  # (B * H, n_qtiles * n_splits, DECODE_BLOCK_M, Dh) fp32: unnormalised partial outputs
-    PART_ML,  # (B * H, n_qtiles * n_splits, 2, DECODE_BLOCK_M) fp32: partial running max and sum
+    PART_ACC,  # (B * H * Lq * n_splits, Dh) fp32: unnormalised partial outputs
+    PART_M,  # (B * H * Lq * n_splits,) fp32: partial running max (log2 units)
+    PART_L,  # (B * H * Lq * n_splits,) fp32: partial sum of exp2
     stride_qb,
     stride_qh,
     stride_ql,
@@ -665,64 +704,58 @@ def _c2f_decode_attention_fwd_kernel(
     n_splits,
     keys_per_split,
     qk_scale,  # scale * log2(e)
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    q_tile = tl.program_id(2)
+    row = tl.program_id(2)
     b = bh // H
     h = bh % H
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    kv_valid_base = KEY_VALID + b * stride_kvb
 
-    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-        mask=(offs_m[:, None] < LQ) & d_mask[None, :],
-        other=0.0,
-    )
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + row * stride_ql + offs_d * stride_qd, mask=d_mask, other=0.0)
+    q = q.to(tl.float32) * qk_scale
+    # q is pre-scaled so a score is one multiply-add per channel, reduced over the row.
+    m_i = tl.full([1], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     n_lo = split * keys_per_split
     n_hi = tl.minimum(n_lo + keys_per_split, LK)
-    for start_n in range(n_lo, n_hi, BLOCK_N):
+    for start_n in tl.range(n_lo, n_hi, BLOCK_N, num_stages=NUM_STAGES):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        valid = tl.load(KEY_VALID + b * stride_kvb + offs_n * stride_kvl, mask=offs_n < n_hi, other=0) != 0
-        # A tile of holes costs one byte per key: its K and V are never read.
-        if tl.max(valid.to(tl.int32), axis=0) > 0:
-            load_mask = valid[:, None] & d_mask[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=load_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=load_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            qk = tl.where(valid[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-            m_i = m_new
+        valid = tl.load(kv_valid_base + offs_n * stride_kvl, mask=offs_n < n_hi, other=0) != 0
+        # Invalid slots are never read (masked loads of a hole fetch nothing): whatever they hold,
+        # even NaN, cannot reach the output.
+        load_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=load_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=load_mask, other=0.0)
+        qk = tl.sum(q[None, :] * k.to(tl.float32), axis=1)
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=0))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m_i = m_new
 
-    part = bh * (tl.num_programs(2) * n_splits) + q_tile * n_splits + split
-    offs_r = tl.arange(0, BLOCK_M)
-    tl.store(
-        PART_ACC + (part * BLOCK_M + offs_r[:, None]) * HEAD_DIM + offs_d[None, :],
-        acc,
-        mask=d_mask[None, :],
-    )
-    tl.store(PART_ML + part * 2 * BLOCK_M + offs_r, m_i)
-    tl.store(PART_ML + part * 2 * BLOCK_M + BLOCK_M + offs_r, l_i)
+    part = (bh * LQ + row) * n_splits + split
+    tl.store(PART_ACC + part * HEAD_DIM + offs_d, acc, mask=d_mask)
+    zero = tl.arange(0, 1)
+    tl.store(PART_M + part + zero, m_i)
+    tl.store(PART_L + part + zero, l_i)
 
 
 @triton.jit
 def _c2f_decode_attention_combine_kernel(
-    PART_ACC,  # (B * H, n_qtiles * n_splits, DECODE_BLOCK_M, Dh) fp32 partial outputs
-    PART_ML,  # (B * H, n_qtiles * n_splits, 2, DECODE_BLOCK_M) fp32 partial running max and sum
+    PART_ACC,  # (B * H * Lq * n_splits, Dh) fp32 partial outputs
+    PART_M,  # (B * H * Lq * n_splits,) fp32 partial running max
+    PART_L,  # (B * H * Lq * n_splits,) fp32 partial sum
     O,  # (B, H, Lq, Dh) output, any strides
     stride_ob,
     stride_oh,
@@ -732,7 +765,6 @@ def _c2f_decode_attention_combine_kernel(
     LQ,
     HEAD_DIM: tl.constexpr,  # the real Dh; BLOCK_D is it rounded up to a power of two
     n_splits,
-    BLOCK_M: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -740,19 +772,15 @@ def _c2f_decode_attention_combine_kernel(
     row = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_tile = row // BLOCK_M
-    r = row % BLOCK_M
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < n_splits
     d_mask = offs_d < HEAD_DIM
-    part = bh * (((LQ + BLOCK_M - 1) // BLOCK_M) * n_splits) + q_tile * n_splits + offs_s
-    m_s = tl.load(PART_ML + part * 2 * BLOCK_M + r, mask=s_mask, other=-1.0e30)
-    l_s = tl.load(PART_ML + part * 2 * BLOCK_M + BLOCK_M + r, mask=s_mask, other=0.0)
+    part = (bh * LQ + row) * n_splits + offs_s
+    m_s = tl.load(PART_M + part, mask=s_mask, other=-1.0e30)
+    l_s = tl.load(PART_L + part, mask=s_mask, other=0.0)
     acc_s = tl.load(
-        PART_ACC + (part[:, None] * BLOCK_M + r) * HEAD_DIM + offs_d[None, :],
-        mask=s_mask[:, None] & d_mask[None, :],
-        other=0.0,
+        PART_ACC + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0
     )
     m = tl.max(m_s, axis=0)
     w = tl.math.exp2(m_s - m)
@@ -777,9 +805,11 @@ def _block_d(head_dim: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products (TF32 would cost ~1e-3 relative error, far above the
-    # fp32 contract); fp16/bf16 inputs use tensor cores either way.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs: three tf32 passes on tensor cores give ~fp32 accuracy (plain tf32 would cost
+    # ~1e-3 relative error, far above the fp32 contract; "ieee" runs on CUDA cores: no tensor
+    # core instruction at all, and up to 100 KB of spills at Dh = 128 on sm_90). fp16/bf16
+    # inputs use tensor cores either way.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 @functools.lru_cache(maxsize=64)
@@ -885,15 +915,17 @@ def c2f_attention_bwd(
 
 
 def _decode_splits(programs: int, lk: int, device: torch.device) -> tuple[int, int]:
-    """(number of key chunks, keys per chunk) so that about two waves of programs fill the GPU."""
+    """(number of key chunks, keys per chunk) so that about two waves of programs fill the GPU,
+    each chunk at least DECODE_MIN_TILES_PER_SPLIT key tiles long."""
     n_tiles = triton.cdiv(lk, DECODE_BLOCK_N)
     if device.type == "cuda":
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        most = max(1, n_tiles // DECODE_MIN_TILES_PER_SPLIT)
     else:
         # Interpreter: enough chunks that small test caches are split (one key tile per chunk),
         # so the split-and-merge path is what the tests exercise.
-        target = 64
-    splits = max(1, min(triton.cdiv(target, programs), n_tiles, DECODE_MAX_SPLITS))
+        target, most = 64, n_tiles
+    splits = max(1, min(triton.cdiv(target, programs), most, DECODE_MAX_SPLITS))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split * DECODE_BLOCK_N
 
@@ -913,22 +945,23 @@ def c2f_decode_attention_fwd(
         return out
     if Lk == 0:
         return out.zero_()
-    n_qtiles = triton.cdiv(Lq, DECODE_BLOCK_M)
-    n_splits, keys_per_split = _decode_splits(B * H * n_qtiles, Lk, q.device)
-    part_acc = torch.empty((B * H, n_qtiles * n_splits, DECODE_BLOCK_M, Dh), dtype=torch.float32, device=q.device)
-    part_ml = torch.empty((B * H, n_qtiles * n_splits, 2, DECODE_BLOCK_M), dtype=torch.float32, device=q.device)
+    n_splits, keys_per_split = _decode_splits(B * H * Lq, Lk, q.device)
+    parts = B * H * Lq * n_splits
+    part_acc = torch.empty((parts, Dh), dtype=torch.float32, device=q.device)
+    part_m = torch.empty(parts, dtype=torch.float32, device=q.device)
+    part_l = torch.empty(parts, dtype=torch.float32, device=q.device)
     # Same-size reinterpretation (no copy): Triton reads bytes more predictably than i1 pointers.
     kv_bytes = key_valid.view(torch.uint8)
     block_d = _block_d(Dh)
-    _c2f_decode_attention_fwd_kernel[(B * H, n_splits, n_qtiles)](
-        q, k_cache, v_cache, kv_bytes, part_acc, part_ml,
+    _c2f_decode_attention_fwd_kernel[(B * H, n_splits, Lq)](
+        q, k_cache, v_cache, kv_bytes, part_acc, part_m, part_l,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *kv_bytes.stride(),
         H, Lq, Lk, Dh, n_splits, keys_per_split, scale * LOG2E,
-        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=DECODE_BLOCK_M, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d,
+        NUM_STAGES=DECODE_NUM_STAGES, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d,
     )  # fmt: skip
     _c2f_decode_attention_combine_kernel[(B * H, Lq)](
-        part_acc, part_ml, out, *out.stride(), H, Lq, Dh, n_splits,
-        BLOCK_M=DECODE_BLOCK_M, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_D=block_d,
+        part_acc, part_m, part_l, out, *out.stride(), H, Lq, Dh, n_splits,
+        BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_D=block_d,
     )  # fmt: skip
     return out
 

@@ -9,6 +9,8 @@ lengths 0 and full, B = 1, one and several heads, Dh = 16, 24 and 32, strided an
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -132,10 +134,12 @@ def test_forward_and_gradients_match_reference(case, dtype):
 
 @pytest.mark.parametrize("mode", ["causal", "block"])
 def test_pad_positions_are_never_read(mode):
-    """NaN in every pad slot of q, k, v and of the output gradient changes nothing.
+    """NaN and +-inf in every pad slot of q, k, v and of the output gradient change nothing.
 
     The padded tail of each segment is skipped (never loaded), not multiplied by a zero weight:
-    a single NaN read would turn its whole row or column into NaN.
+    a single NaN read would turn its whole row or column into NaN. Real queries are computed as if
+    pad k and v were 0, pad queries output exactly 0 with dq = 0, pad keys get dk = dv = 0: the
+    kernel equals itself on zeroed pads bit for bit, and the reference on the poisoned inputs.
     """
     seed(3)
     sizes, lengths = (13, 3, 29), [[4, 3, 17], [13, 0, 29]]
@@ -144,19 +148,32 @@ def test_pad_positions_are_never_read(mode):
     pad = ~valid_positions(sizes, lengths).to(KERNEL_DEVICE)
     clean = [randn(B, H, L, Dh, device=KERNEL_DEVICE) for _ in range(3)]
     grad_out = randn(B, H, L, Dh, device=KERNEL_DEVICE)
+    for t in (*clean, grad_out):
+        t.transpose(1, 2)[pad] = 0.0
     poisoned = [t.clone() for t in clean]
-    for t in (*poisoned, grad_out):
-        t.transpose(1, 2)[pad] = float("nan")
+    poisoned_grad_out = grad_out.clone()
+    for t, fill in zip((*poisoned, poisoned_grad_out), ("nan", "inf", "-inf", "nan")):
+        t.transpose(1, 2)[pad] = float(fill)
 
-    leaves = [t.clone().requires_grad_() for t in poisoned]
-    kernel = attention_and_grads("triton", leaves, "contiguous", layout, grad_out, None)
-    clean_grad_out = grad_out.nan_to_num(0.0)
-    exact = attention_and_grads(
-        "reference", [t.double().requires_grad_() for t in clean], "contiguous", layout, clean_grad_out, None
+    kernel = attention_and_grads(
+        "triton", [t.clone().requires_grad_() for t in poisoned], "contiguous", layout, poisoned_grad_out, None
     )
-    for got, ref, name in zip(kernel, exact, ["out", "dq", "dk", "dv"]):
+    zeroed = attention_and_grads(
+        "triton", [t.clone().requires_grad_() for t in clean], "contiguous", layout, grad_out, None
+    )
+    exact = attention_and_grads(
+        "reference", [t.double().requires_grad_() for t in clean], "contiguous", layout, grad_out, None
+    )
+    # The reference's rule covers pad q, k, v (the output gradient at pad rows is kept clean here).
+    spec = attention_and_grads(
+        "reference", [t.double().requires_grad_() for t in poisoned], "contiguous", layout, grad_out, None
+    )
+    for got, same, ref, ref_poisoned, name in zip(kernel, zeroed, exact, spec, ["out", "dq", "dk", "dv"]):
         assert torch.isfinite(got).all(), f"{name}: a pad slot was read"
+        assert torch.equal(got, same), f"{name}: pad values changed the result"
+        assert (got.transpose(1, 2)[pad] == 0).all(), f"{name} is not exactly 0 at pad positions"
         torch.testing.assert_close(got.double(), ref, **FP32_TOL)
+        torch.testing.assert_close(got.double(), ref_poisoned, **FP32_TOL)
 
 
 @pytest.mark.parametrize("mode", ["causal", "block"])
@@ -238,9 +255,11 @@ def test_decode_with_key_holes_matches_reference(lq, dtype):
     key_valid = torch.rand(B, Lk, device=KERNEL_DEVICE) < 0.4
     key_valid[1] = False  # a sample with no valid key: its queries return 0
     key_valid[2, :40] = False  # a long run of holes: whole key tiles to skip
-    # Holes hold NaN (the kernel must not read them); the caches are strided views.
+    # Holes hold NaN in k and inf in v (the kernel must not read them); the caches are strided views.
     hole = (~key_valid)[:, None, :, None].expand_as(k_cache)
-    k_poisoned, v_poisoned = (noncontiguous(t.masked_fill(hole, float("nan")).to(dtype)) for t in (k_cache, v_cache))
+    k_poisoned, v_poisoned = (
+        noncontiguous(t.masked_fill(hole, fill).to(dtype)) for t, fill in ((k_cache, math.nan), (v_cache, math.inf))
+    )
 
     with torch.no_grad(), dqfast.use_backend("triton"):
         out = dqfast.c2f_decode_attention(q.to(dtype), k_poisoned, v_poisoned, key_valid, scale=0.37)
@@ -251,6 +270,9 @@ def test_decode_with_key_holes_matches_reference(lq, dtype):
     assert out.dtype == dtype and out.shape == (B, H, lq, Dh)
     assert (out[1] == 0).all()
     compare([out], [same], [exact], dtype, ["out"])
+    # The reference on the poisoned cache (its spec: invalid slots never reach the output) agrees.
+    spec = reference_decode(q.to(dtype).double(), k_poisoned.double(), v_poisoned.double(), key_valid, scale=0.37)
+    compare([out], [same], [spec], dtype, ["out"])
 
 
 def test_decode_kernel_is_forward_only():
