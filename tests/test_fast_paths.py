@@ -221,6 +221,20 @@ def test_attention_tables_built_once_per_layout(monkeypatch):
     torch.testing.assert_close(out, ref_attn.c2f_attention(q, k, v, other), **FP32_TOL)
 
 
+def test_attention_tables_built_in_inference_mode_serve_autograd(monkeypatch):
+    seed(35)
+    layout = make_layout("block_var")
+    q, k, v = qkv(2, 2, layout.seq_len, 4)
+    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", 0)  # the packing is built here, in inference mode
+    with torch.inference_mode():
+        fast_attn.c2f_attention(q.detach(), k.detach(), v.detach(), layout)
+    g = randn(*q.shape)
+    got = grads(fast_attn.c2f_attention(q, k, v, layout), (q, k, v), g)
+    want = grads(ref_attn.c2f_attention(q, k, v, layout), (q, k, v), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+
+
 def test_attention_tables_die_with_the_layout():
     layout = make_layout("block_var")
     q, k, v = qkv(2, 1, layout.seq_len, 4)
@@ -752,6 +766,25 @@ def test_folded_weights_cached_and_never_stale():
     del conv, opt, out
     gc.collect()
     assert key not in fast_spc._FOLDED
+
+
+def test_cached_tables_from_inference_mode_serve_autograd_later():
+    """Frozen weights / codebook cached under inference_mode, then a call recording autograd
+    through the input (e.g. gradients to the latents of a frozen decoder)."""
+    seed(34)
+    x, w, b = (t.detach() for t in conv_inputs(1, 2, 3, 4, 4, 3))
+    codebook, z = randn(8, 4), randn(5, 4)
+    with torch.inference_mode():
+        fast_spc.upsample_conv2d(x, w, b)
+        fast_vq.vector_quantize(z, codebook, metric="cosine")
+    x.requires_grad_()
+    (gx,) = torch.autograd.grad(fast_spc.upsample_conv2d(x, w, b).sum(), x)
+    (want,) = torch.autograd.grad(ref_spc.upsample_conv2d(x, w, b).sum(), x)
+    torch.testing.assert_close(gx, want, **FP32_TOL)
+    z.requires_grad_()
+    (gz,) = torch.autograd.grad(fast_vq.vector_quantize(z, codebook, metric="cosine").quantized.sum(), z)
+    (want,) = torch.autograd.grad(ref_vq.vector_quantize(z, codebook, metric="cosine").quantized.sum(), z)
+    torch.testing.assert_close(gz, want, **FP32_TOL)
 
 
 def test_folded_weights_inference_mode():

@@ -113,7 +113,9 @@ def _packing(layout: C2FLayout, device: torch.device) -> _Packing:
         per_layout = _PACKINGS[layout] = {}
     packing = per_layout.get(key)
     if packing is None:
-        packing = per_layout[key] = _build_packing(layout, device)
+        # Normal tensors even when built in inference mode: autograd saves the gather indices.
+        with torch.inference_mode(False):
+            packing = per_layout[key] = _build_packing(layout, device)
     return packing
 
 

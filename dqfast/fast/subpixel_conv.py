@@ -136,7 +136,9 @@ def _folded(weight: torch.Tensor, bias: torch.Tensor | None, scale: int):
     stamp = (_version(weight), id(bias), _version(bias), scale)
     if entry is not None and entry[0]() is weight and entry[1] == stamp:
         return entry[2]
-    with torch.no_grad():
+    # Normal tensors even when the first call comes in inference mode: a later call may record
+    # autograd through x with these (frozen) weights, and autograd cannot save inference tensors.
+    with torch.inference_mode(False), torch.no_grad():
         folded = _fold(weight, bias, scale)
     _FOLDED[key] = (weakref.ref(weight, lambda _, key=key: _FOLDED.pop(key, None)), stamp, folded)
     return folded

@@ -91,7 +91,8 @@ def _cached_code_table(codebook: torch.Tensor, metric: str, dtype: torch.dtype) 
     stamp = (codebook._version, metric, dtype)
     entry = _TABLES.get(key)
     if entry is None or entry[0]() is not codebook or entry[1] != stamp:
-        table = _code_table(_prepare(codebook.detach(), metric, dtype), metric)
+        with torch.inference_mode(False):  # normal tensors, usable by later autograd-recorded calls
+            table = _code_table(_prepare(codebook.detach(), metric, dtype), metric)
         stored = _CodeTable(*(None if t is codebook else t for t in table))
         _TABLES[key] = (weakref.ref(codebook, lambda _, key=key: _TABLES.pop(key, None)), stamp, stored)
         return table
