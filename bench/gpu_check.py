@@ -24,7 +24,8 @@ overruns is killed at the deadline; both are reported. Compiles are cached (``TR
 ``TORCHINDUCTOR_CACHE_DIR`` under ``--cache``), and autotune tries only the configs the static
 sm_90 check keeps (bench/results/sm90-static-triton<version>.json, else sm90-static.json, both
 from ``make sm90-report``): configs that do not compile, need more than 227 KiB of shared memory
-or spill in 16-bit are dropped.
+or spill in 16-bit are dropped, and of the rest at most ``--max-configs`` (default 4) per kernel,
+in the kernel's own order, are tried.
 
 Writes ``<out>/<device>-<date>.json`` (every timing, ratio and % of peak, the skipped steps) and
 ``<out>/<device>-<date>.md`` (the ratio table).
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 DEFAULT_BUDGET_S = 480.0
+DEFAULT_MAX_CONFIGS = 4  # per kernel, in the order the kernel lists them (its preference)
 
 # Estimates on one H200 (16 CPU cores): process start-up with torch + CUDA init, one Triton
 # compile, one autotune trial, one timed case (warm-up, pytest-benchmark rounds, do_bench), one
@@ -76,7 +78,7 @@ class Step:
 
 SUBPIXEL = "bench/bench_subpixel_conv.py"
 PLAN: list[Step] = [
-    Step("gpu tests", "", "tests", kind="tests", marker="gpu", cap_s=75.0),
+    Step("gpu tests", "", "tests", kind="tests", marker="gpu", cap_s=60.0),
     Step(
         "subpixel_conv2d fwd codec 768x512",
         "subpixel_conv2d",
@@ -162,8 +164,9 @@ def rejected_configs(rows: list[dict]) -> dict[str, set[str]]:
     return out
 
 
-def prune_autotune_configs(rows: list[dict]) -> dict[str, int]:
-    """Drop rejected configs from every dqfast autotuner (never the last one); kernel -> dropped."""
+def prune_autotune_configs(rows: list[dict], max_configs: int = 0) -> dict[str, int]:
+    """Drop rejected configs from every dqfast autotuner (never the last one), then keep at most
+    ``max_configs`` (0: all) in the kernel's own order of preference; kernel -> configs dropped."""
     import importlib
 
     from triton.runtime.autotuner import Autotuner
@@ -185,8 +188,9 @@ def prune_autotune_configs(rows: list[dict]) -> dict[str, int]:
             while hasattr(fn, "fn"):  # Autotuner -> (Heuristics ->) JITFunction -> Python function
                 fn = fn.fn
             kernel = fn.__name__
-            keep = [c for c in obj.configs if report.config_label(c) not in reject.get(kernel, set())]
-            if keep and len(keep) < len(obj.configs):
+            keep = [c for c in obj.configs if report.config_label(c) not in reject.get(kernel, set())] or obj.configs
+            keep = keep[:max_configs] if max_configs > 0 else keep
+            if len(keep) < len(obj.configs):
                 dropped[kernel] = len(obj.configs) - len(keep)
                 obj.configs = keep
     return dropped
@@ -196,7 +200,8 @@ def pytest_configure(config):
     """Loaded into the bench's pytest process with ``-p gpu_check``: prune, then say what went."""
     path = os.environ.get("DQFAST_SM90_KEEP")
     if path and Path(path).exists():
-        dropped = prune_autotune_configs(json.loads(Path(path).read_text()))
+        max_configs = int(os.environ.get("DQFAST_GPU_CHECK_MAX_CONFIGS", "0"))
+        dropped = prune_autotune_configs(json.loads(Path(path).read_text()), max_configs)
         print(f"gpu_check: autotune configs dropped by the static check: {dropped}", file=sys.stderr)
 
 
@@ -244,20 +249,17 @@ def select(step: Step, node_ids: list[str]) -> list[str]:
     return out
 
 
-def compile_counts(rows: list[dict]) -> dict[str, int]:
-    """op -> Triton compiles of its 16-bit scenario with the kept configs (one per kernel x config)."""
+def compile_counts(rows: list[dict], max_configs: int = 0) -> dict[str, dict[str, int]]:
+    """op -> kernel -> Triton compiles of its 16-bit scenario with the kept configs."""
     reject = rejected_configs(rows)
-    out: dict[str, int] = {}
-    seen = set()
+    configs: dict[str, dict[str, set[str]]] = {}
     for r in rows:
         if r.get("dtype") not in ("bf16", "fp16") or r["config"] in reject.get(r["kernel"], set()):
             continue
         op = r["scenario"].split(" ", 1)[0]
-        key = (op, r["kernel"], r["config"])
-        if key not in seen:
-            seen.add(key)
-            out[op] = out.get(op, 0) + 1
-    return out
+        configs.setdefault(op, {}).setdefault(r["kernel"], set()).add(r["config"])
+    cap = lambda n: min(n, max_configs) if max_configs > 0 else n
+    return {op: {k: cap(len(c)) for k, c in kernels.items()} for op, kernels in configs.items()}
 
 
 def estimate(step: Step, cases: int, compiles: int) -> float:
@@ -269,11 +271,11 @@ def estimate(step: Step, cases: int, compiles: int) -> float:
     return t
 
 
-def plan(rows: list[dict]) -> list[dict]:
+def plan(rows: list[dict], max_configs: int = 0) -> list[dict]:
     bench_targets = sorted({s.target.split("::")[0] for s in PLAN if s.kind == "bench"})
     node_ids = collect(bench_targets)
-    counts = compile_counts(rows)
-    compiled_ops: set[str] = set()
+    counts = compile_counts(rows, max_configs)
+    compiled: set[str] = set()
     out = []
     for step in PLAN:
         if step.kind == "bench":
@@ -285,12 +287,14 @@ def plan(rows: list[dict]) -> list[dict]:
             providers = list(OWN_PROVIDERS[step.target])
         else:
             cases, providers = [step.target], []
-        # A kernel's configs compile once per run (the cache serves later steps).
-        compiles = 0 if (not step.op or step.op in compiled_ops) else counts.get(step.op, 0)
-        if step.op:
-            compiled_ops.add(step.op)
-        if step.kind == "own" and step.op:
-            compiles = counts.get(step.op, 0) // 2  # backward kernels not compiled by the forward step
+        # A kernel's configs compile once per run (the cache serves later steps); forward-only
+        # steps compile no backward kernel.
+        backward = step.kind == "own" or "fwd_bwd" in step.want
+        compiles = 0
+        for kernel, n in counts.get(step.op, {}).items():
+            if kernel not in compiled and (backward or "bwd" not in kernel):
+                compiled.add(kernel)
+                compiles += n
         out.append(
             {
                 "step": step.name,
@@ -495,6 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the plan and its estimate; run nothing")
     ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="wall-clock seconds for everything")
     ap.add_argument("--out", default=str(BENCH / "results"), help="where the JSON and markdown go")
+    ap.add_argument(
+        "--max-configs",
+        type=int,
+        default=DEFAULT_MAX_CONFIGS,
+        help="autotune tries at most this many of the statically kept configs per kernel (0: all)",
+    )
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "gpu-check"), help="compile cache folder")
     ap.add_argument("--own-case", help=argparse.SUPPRESS)
     ap.add_argument("--own-out", help=argparse.SUPPRESS)
@@ -510,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = json.loads(path.read_text()) if path.exists() else []
     if not rows:
         print(f"note: {path.relative_to(ROOT)} missing: autotune keeps every config", file=sys.stderr)
-    steps = plan(rows)
+    steps = plan(rows, a.max_configs)
     estimated = print_plan(steps, a.budget)
     if a.dry_run:
         return 0 if estimated <= a.budget else 1
@@ -528,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(exist_ok=True)
     cache = Path(a.cache)
     env = _env(cache)
+    env["DQFAST_GPU_CHECK_MAX_CONFIGS"] = str(a.max_configs)
     device = torch.cuda.get_device_name()
     records: list[dict] = []
     done: list[dict] = []
