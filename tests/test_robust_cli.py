@@ -121,7 +121,7 @@ def test_devices_and_fifos_are_written_in_place(work, good, capsys, tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     received = []
-    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)  # never blocks exit
     reader.start()
     code, _, err = _run(capsys, "compress", work / "rgb.png", fifo, *model)
     reader.join(timeout=60)
