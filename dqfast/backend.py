@@ -184,20 +184,23 @@ def _fast_module():
     return module
 
 
+def _visit_tensors(x, out: list[torch.Tensor]) -> None:
+    if isinstance(x, torch.Tensor):
+        out.append(x)
+    elif isinstance(x, list | tuple):
+        for y in x:
+            _visit_tensors(y, out)
+    elif hasattr(x, "lengths") and isinstance(getattr(x, "lengths", None), torch.Tensor):
+        out.append(x.lengths)  # a C2FLayout: its lengths live on a device too
+
+
 def _tensors(args, kwargs) -> list[torch.Tensor]:
-    out = []
-
-    def visit(x):
-        if isinstance(x, torch.Tensor):
-            out.append(x)
-        elif isinstance(x, list | tuple):
-            for y in x:
-                visit(y)
-        elif hasattr(x, "lengths") and isinstance(getattr(x, "lengths", None), torch.Tensor):
-            out.append(x.lengths)  # a C2FLayout: its lengths live on a device too
-
+    # A module-level helper, not a recursive closure: a closure that refers to itself is a
+    # reference cycle, which would keep every op's input tensors alive until the next garbage
+    # collection (hundreds of MB of activations when a codec runs a network tile by tile).
+    out: list[torch.Tensor] = []
     for x in list(args) + list(kwargs.values()):
-        visit(x)
+        _visit_tensors(x, out)
     return out
 
 
