@@ -19,7 +19,7 @@ one machine; a machine whose float convolutions round differently can pick anoth
 scale lying on a level boundary, which the tables' CRC in the header cannot see — as with every
 learned codec that predicts its probabilities with a network).
 
-Rate control: ``quality`` in [0.5, L] picks (and interpolates) the model's ladder of gains; it is
+Rate control: ``quality`` in [0.1, L] picks (interpolates, below 1 extrapolates) the model's ladder of gains; it is
 stored in the header.
 
 Memory and time: an image of at most :data:`TILED_ABOVE` pixels runs every transform on the whole
@@ -76,6 +76,7 @@ from dqfast.codec.entropy import (
     information_bits,
 )
 from dqfast.codec.tiling import run_tiled
+from dqfast.models.cae_hyper import BELOW_ONE_STEPS
 
 __all__ = [
     "SCALE_LEVELS",
@@ -150,6 +151,8 @@ def _hyper_gain64(model: nn.Module, q: float) -> torch.Tensor:
     """(N,) float64 side-information gains at quality q (the float64 twin of ``model.gains``)."""
     table = model.hyper_log_gains.detach().cpu().double()
     t = q - 1.0
+    if t < 0:
+        t *= BELOW_ONE_STEPS
     low = min(max(int(math.floor(t)), 0), max(model.levels - 2, 0))
     high = min(low + 1, model.levels - 1)
     frac = t - low

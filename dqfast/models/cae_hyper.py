@@ -17,7 +17,8 @@ size:
   means and scales are multiplied by the same gain, which is exact (if ``y ~ N(mu, s²)`` then
   ``g·y ~ N(g·mu, (g·s)²)``), so one hyperprior serves every rate. Between two levels the log-gains
   are interpolated linearly, which gives a continuous ``quality`` in [1, len(lmbdas)]; below 1 (down
-  to :data:`QUALITY_MIN`) they are extrapolated along the ladder's first step, for lower rates still.
+  to :data:`QUALITY_MIN`) they are extrapolated along the ladder's first step, :data:`BELOW_ONE_STEPS`
+  ladder steps per unit of quality, for lower rates still.
 
 Conventions: images are (B, 3, H, W) in [0, 1]; sides are padded at the bottom/right (edge
 replication) to multiples of 32 (at least 64) and the output cropped back; ``quality`` is a float
@@ -39,12 +40,14 @@ from dqfast.models.cae import GaussianScaleMixture, _normal_cdf, clip_ste, round
 from dqfast.models.registry import register
 from dqfast.nn import SubPixelConv2d
 
-__all__ = ["GDN", "HyperpriorCAE", "HyperCAEOutput", "LADDER", "QUALITY_MIN", "SCALE_MIN"]
+__all__ = ["BELOW_ONE_STEPS", "GDN", "HyperpriorCAE", "HyperCAEOutput", "LADDER", "QUALITY_MIN", "SCALE_MIN"]
 
 # CompressAI's λ for its quality levels 1..7 (MSE models): about 0.1 to 1.5 bpp on Kodak.
 LADDER = (0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932)
-# Lowest quality: half a ladder step below level 1, the gains extrapolated (a model of one level: 1).
-QUALITY_MIN = 0.5
+# Below quality 1 the gains are extrapolated along the ladder's first step, BELOW_ONE_STEPS ladder
+# steps per unit of quality, down to QUALITY_MIN (a model of one level: 1).
+QUALITY_MIN = 0.1
+BELOW_ONE_STEPS = 2.5
 # Smallest scale of a latent's Gaussian (in symbol units): narrower laws gain nothing after rounding.
 SCALE_MIN = 0.11
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -224,6 +227,8 @@ class HyperpriorCAE(nn.Module):
         """(B, M, 1, 1) latent gains and (B, N, 1, 1) side-information gains at ``quality`` (float or (B,))."""
         q = torch.as_tensor(quality, dtype=torch.float32, device=device).reshape(-1)
         q = (q.expand(batch) if q.numel() == 1 else q) - 1.0
+        # Below level 1 a quality unit is BELOW_ONE_STEPS ladder steps, extrapolated.
+        q = torch.where(q < 0, BELOW_ONE_STEPS * q, q)
         # The segment [low, low + 1] holding q; below level 1 the first segment, extrapolated (t < 0).
         low = q.floor().clamp(0, max(self.levels - 2, 0)).long()
         high = (low + 1).clamp_max(self.levels - 1)
