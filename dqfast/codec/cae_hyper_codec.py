@@ -96,7 +96,7 @@ MAX_HALF_RANGE = 2047
 DEFAULT_QUALITY = 4.0
 # Images above this many pixels stream through bands of BAND_ROWS latent rows (a multiple of 4).
 TILED_ABOVE = 1536 * 1536
-BAND_ROWS = 64
+BAND_ROWS = 32
 # Column tiles of the banded transforms: analysis (image pixels), hyper-analysis (latents),
 # hyper-synthesis (side-information pixels), synthesis (latents).
 TILE = 1024
@@ -471,7 +471,8 @@ def _latent_bands(model: nn.Module, plan: _Plan, rows: Callable, device) -> Iter
     halo = plan.enc_halo
     for a, b in plan.bands:
         r0, r1 = max(0, 8 * a - halo), min(8 * plan.h, 8 * b + halo)
-        x = (_padded_rows(rows, plan, r0, r1).to(device) - model.pixel_mean) / model.pixel_std
+        x = _padded_rows(rows, plan, r0, r1).to(device)
+        x = (x - model.pixel_mean) / model.pixel_std
         y = run_tiled(
             lambda t: model.encoder(t).float(),
             x,
@@ -479,6 +480,7 @@ def _latent_bands(model: nn.Module, plan: _Plan, rows: Callable, device) -> Iter
             halo=(0, halo),
             scale=(1, 8),
         )
+        del x
         yield a, y[0, :, a - r0 // 8 : b - r0 // 8]
 
 
