@@ -96,7 +96,7 @@ MAX_HALF_RANGE = 2047
 DEFAULT_QUALITY = 4.0
 # Images above this many pixels stream through bands of BAND_ROWS latent rows (a multiple of 4).
 TILED_ABOVE = 1536 * 1536
-BAND_ROWS = 32
+BAND_ROWS = 64
 # Column tiles of the banded transforms: analysis (image pixels), hyper-analysis (latents),
 # hyper-synthesis (side-information pixels), synthesis (latents).
 TILE = 1024
