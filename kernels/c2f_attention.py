@@ -108,8 +108,8 @@ def _configs(space: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 # 16-row tiles kept here do not (mma.sync: wgmma needs 64 rows).
 _FWD_16 = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4), (32, 32, 4, 2)]
 _FWD_32 = [(32, 32, 4, 2)]
-# dq: like the forward.
-_BWD_DQ_16 = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)]
+# dq: like the forward ((32, 64, 4, 3) spilled 36 B at Dh 128).
+_BWD_DQ_16 = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)]
 _BWD_DQ_32 = [(32, 32, 8, 2)]
 # dk, dv: the program owns a key tile (BLOCK_N) and walks query tiles (BLOCK_M).
 _BWD_DKDV_16 = [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3), (16, 64, 4, 2), (16, 32, 4, 2)]
