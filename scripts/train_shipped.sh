@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # The exact commands that produced the shipped weights in dqfast/models/weights/ (see README.md there).
 #
-# Trains on the TRAIN split of dqfast.sample_data (scikit-image's photographs; the held-out images are
-# never read) with dqfast's own trainer, one CPU thread per run, then counts the DQ-VAE's code usage on
+# Trains with dqfast's own trainer, one CPU thread per run, then counts the DQ-VAE's code usage on
 # the training images (the codec's static prior) and copies the weights and a manifest into the package.
+#
+# Data: the TRAIN split of dqfast.sample_data (scikit-image's photographs; the held-out images are
+# never read). The variable-rate CAE (cae-small) trains on those photographs mixed with seeded
+# dead-leaves images (dqfast.data.dead_leaves) under random rescaling and colour augmentation
+# (`--data skimage:train --synthetic 448 --augment`): nothing is downloaded and no image file is
+# committed.
 #
 #   scripts/train_shipped.sh [all|cae|dqvae|dqtransformer|finalize]   # default all
 #
 # WORK (default /tmp/dqfast-shipped) holds the exported data and the training runs. With one thread
 # per run the training is deterministic on a given CPU, so the stages can run apart (the shipped
-# DQ-VAE was trained alone, after the two CAEs had trained side by side; the DQ-Transformer alone,
-# later still). The DQ-Transformer learns the codes of the *shipped* dqvae-small (--tokenizer
-# dqvae-small loads the package's weights), so `all` copies the CAEs and the DQ-VAE into the package
-# before training it. `finalize` copies every run found in WORK and keeps the manifest entries of the
+# DQ-VAE was trained alone; the DQ-Transformer alone, later still; the CAE last, while other work
+# shared the machine). The DQ-Transformer learns the codes of the *shipped* dqvae-small (--tokenizer
+# dqvae-small loads the package's weights), so `all` copies the DQ-VAE into the package before
+# training it. `finalize` copies every run found in WORK and keeps the manifest entries of the
 # others, so finalizing one new run leaves the weights already shipped untouched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,10 +29,16 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 "$PY" -m dqfast.sample_data train "$WORK/train" --format bmp
 
 COMMON=(--data "$WORK/train" --batch-size 8 --crop 64 --grad-clip 1.0 --log-every 50 --ckpt-every 500 --seed 0)
+# The variable-rate CAE: one model for the whole ladder of rates, a constant learning rate for
+# CAE_DROP steps, then a tenth of it until CAE_STEPS (the shipped run: the first 300 steps ran with
+# two threads, the rest with one; the trainer then wrote train_state.pt, the commands are the same).
+CAE_DROP=${CAE_DROP:-18600}
+CAE_STEPS=${CAE_STEPS:-24000}
+CAE=(--model cae-small --data skimage:train --synthetic 448 --augment --crops-per-image 64 --batch-size 8 --crop 128
+  --lr 3e-4 --grad-clip 1.0 --log-every 25 --ckpt-every 100 --seed 0 --out "$WORK/cae-small")
 if [[ $STAGE == all || $STAGE == cae ]]; then
-  "$PY" -m dqfast train cae --model cae-small --out "$WORK/cae-small" --steps 2500 --lr 5e-4 "${COMMON[@]}" &
-  "$PY" -m dqfast train cae --model cae-small-hq --out "$WORK/cae-small-hq" --steps 2500 --lr 5e-4 "${COMMON[@]}" &
-  wait
+  "$PY" -m dqfast train cae "${CAE[@]}" --steps "$CAE_DROP"
+  "$PY" -m dqfast train cae "${CAE[@]}" --steps "$CAE_STEPS" --lr-drop "$CAE_DROP" --resume
 fi
 if [[ $STAGE == all || $STAGE == dqvae ]]; then
   "$PY" -m dqfast train dqvae --model dqvae-small --out "$WORK/dqvae-small" --steps 5500 --lr 8e-4 "${COMMON[@]}"
@@ -53,7 +64,7 @@ from dqfast.train import load_trained
 work = Path(sys.argv[1])
 names = sys.argv[2:] or [
     n
-    for n in ("cae-small", "cae-small-hq", "dqvae-small", "dqtransformer-small")
+    for n in ("cae-small", "dqvae-small", "dqtransformer-small")
     if (work / n / "model.safetensors").is_file()
 ]
 manifest_path = WEIGHTS_DIR / "manifest.json"
@@ -90,35 +101,48 @@ for name in names:
     flags = ("steps", "batch_size", "crop", "lr", "grad_clip", "seed")
     if config["kind"] == "dqtransformer":
         flags = ("tokenizer",) + flags
+    if config["args"].get("synthetic") or config["args"].get("augment"):
+        flags = ("synthetic", "crops_per_image") + flags + ("lr_drop",)
     if name.startswith("dqvae"):
         prior = "code_frequencies: code counts of the training tiles at budget 0.5, plus one"
     elif name.startswith("cae"):
-        prior = "Gaussian scale mixture of the model"
+        prior = "mean-scale hyperprior: side information under a per-channel Gaussian scale mixture"
     else:
         prior = "none: a generator, not used by the codec"
     manifest[name] = {
         "codec_prior": prior,
         "kind": config["kind"],
-        "preset": config["preset"],
+        "preset": name,
         "script": "scripts/train_shipped.sh",
-        "command": f"python -m dqfast train {config['kind']} --model {name} --data TRAIN_DIR " + " ".join(
-            f"--{k.replace('_', '-')} {config['args'][k]}" for k in flags
-        ),
+        "command": f"python -m dqfast train {config['kind']} --model {name} --data "
+        + (config["args"]["data"] if config["args"].get("data") == "skimage:train" else "TRAIN_DIR")
+        + (" --augment " if config["args"].get("augment") else " ")
+        + " ".join(f"--{k.replace('_', '-')} {config['args'][k]}" for k in flags if config["args"].get(k) is not None),
         "train_args": {k: v for k, v in config["args"].items() if k not in ("data", "out")},
         "steps": log[-1]["step"],
         "wall_time_s": round(log[-1]["elapsed_s"], 1),
         "first_log": {k: round(v, 5) for k, v in log[0].items() if k in keep or k == "step"},
         "last_log": {k: round(v, 5) for k, v in log[-1].items() if k in keep or k == "step"},
         "parameters": sum(p.numel() for p in model.parameters()),
+        "trained_as": config["preset"],
         "weights_bytes": (WEIGHTS_DIR / f"{name}.safetensors").stat().st_size,
     }
+    if config["args"].get("synthetic") or config["args"].get("augment"):
+        manifest[name]["data"] = {
+            "source": "scikit-image TRAIN photographs (in memory) mixed with seeded dead-leaves images "
+            "(dqfast.data.dead_leaves); random rescaling 0.3-1x, colour augmentation (hue rotation, "
+            "saturation, channel permutation), horizontal flips",
+            "crop": config["args"]["crop"],
+            "photo_crops_per_epoch": len(TRAIN) * config["args"]["crops_per_image"],
+            "dead_leaves_per_epoch": config["args"]["synthetic"],
+        }
 manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
 print(json.dumps({name: manifest[name] for name in names}, indent=2))
 PYEOF
 }
 
 if [[ $STAGE == all ]]; then
-  finalize cae-small cae-small-hq dqvae-small
+  finalize cae-small dqvae-small
 fi
 if [[ $STAGE == all || $STAGE == dqtransformer ]]; then
   "$PY" -m dqfast train dqtransformer --model dqtransformer-small --tokenizer dqvae-small \

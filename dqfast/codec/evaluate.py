@@ -562,7 +562,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         directory=str(root),
         images=[p for p, _ in images],
         device=str(device),
-        bpp_counts="whole files: header and CRC included (dqfast), container headers included (JPEG, JPEG 2000, WebP, AVIF)",
+        bpp_counts="whole files: header and CRC included (dqfast), container headers included "
+        "(JPEG, JPEG 2000, WebP, AVIF)",
         off_target=f"standard-codec matches more than {OFF_TARGET:.0%} from the target bpp are flagged and "
         "left out of the means and BD-rates",
         summary=summary,

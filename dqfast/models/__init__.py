@@ -1,6 +1,7 @@
 """Models built on dqfast: ``create(name, pretrained=False, **overrides)`` and ``available()``.
 
-Presets: the compressive autoencoder (``cae``, ``cae-tiny``, ``cae-small``, ``cae-small-hq``), DQ-VAE
+Presets: the compressive autoencoder (``cae``, ``cae-tiny``; the variable-rate ``cae-hyper``,
+``cae-hyper-tiny``, ``cae-hyper-small`` and the shipped ``cae-small``), DQ-VAE
 (``dqvae``, ``dqvae-entropy``, ``dqvae-tiny``, ``dqvae-triple-tiny``, ``dqvae-small``) and DQ-Transformer
 (``dqtransformer``, ``dqtransformer-tiny``, ``dqtransformer-small``). The ``-small`` presets ship
 trained weights: ``create(name, pretrained=True)``.

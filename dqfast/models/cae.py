@@ -423,22 +423,3 @@ def cae_tiny(**overrides) -> CompressiveAutoencoder:
     config = dict(channels=(16, 24), latent_channels=8, num_residual_blocks=1)
     config.update(overrides)
     return CompressiveAutoencoder(**config)
-
-
-def _cae_small_config(lmbda: float, overrides: dict) -> dict:
-    config = dict(channels=(32, 64), latent_channels=32, num_residual_blocks=2, lmbda=lmbda)
-    config.update(overrides)
-    return config
-
-
-@register("cae-small")
-def cae_small(**overrides) -> CompressiveAutoencoder:
-    """The shipped CPU-trained CAE (weights in ``dqfast/models/weights``): 32 and 64 channels, 32 latent
-    channels, 2 residual blocks, trained at lmbda = 0.01 (the lower rate point)."""
-    return CompressiveAutoencoder(**_cae_small_config(0.01, overrides))
-
-
-@register("cae-small-hq")
-def cae_small_hq(**overrides) -> CompressiveAutoencoder:
-    """The ``cae-small`` architecture trained at lmbda = 0.04 (the higher rate point)."""
-    return CompressiveAutoencoder(**_cae_small_config(0.04, overrides))

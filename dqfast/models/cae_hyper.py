@@ -385,11 +385,22 @@ def cae_hyper_tiny(**overrides) -> HyperpriorCAE:
     )
 
 
-@register("cae-hyper-small")
-def cae_hyper_small(**overrides) -> HyperpriorCAE:
-    """The shipped CPU-sized variable-rate CAE: 48/64 channels with GDN, 96 latents at 1/8 resolution,
-    48 side channels at 1/32, the 7-level ladder (about 0.1–1.5 bpp); encode + decode of a 768x512
-    image well under a second on a 2-core CPU."""
+def _small(overrides: dict) -> HyperpriorCAE:
     return HyperpriorCAE(
         **_config(overrides, channels=(48, 64), latent_channels=96, hyper_channels=48, num_residual_blocks=0)
     )
+
+
+@register("cae-small")
+def cae_small(**overrides) -> HyperpriorCAE:
+    """The shipped CAE (weights in ``dqfast/models/weights``): the ``cae-hyper-small`` architecture, trained
+    on scikit-image's TRAIN photographs mixed with dead-leaves images, one model for the 7-level ladder."""
+    return _small(overrides)
+
+
+@register("cae-hyper-small")
+def cae_hyper_small(**overrides) -> HyperpriorCAE:
+    """The CPU-sized variable-rate CAE (shipped trained as ``cae-small``): 48/64 channels with GDN, 96
+    latents at 1/8 resolution, 48 side channels at 1/32, the 7-level ladder; encode + decode of a
+    768x512 image under a second on a 2-core CPU."""
+    return _small(overrides)
