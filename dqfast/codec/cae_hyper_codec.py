@@ -67,15 +67,19 @@ from dqfast.codec.container import (
     unpack,
 )
 from dqfast.codec.entropy import (
-    END_MARK,
     TOTAL,
     IntegerTables,
     check_symbol_range,
     decode_rows,
     encode_rows,
     information_bits,
+    pop_escapes,
+    push_end_mark,
+    push_escapes,
+    read_end_mark,
 )
 from dqfast.codec.tiling import run_tiled
+from dqfast.models.cae import _normal_cdf
 from dqfast.models.cae_hyper import BELOW_ONE_STEPS
 
 __all__ = [
@@ -105,15 +109,10 @@ SIDE_TILE = 64
 SYNTH_TILE = 128
 # Rows per image band handed out by decode_hyper_bands.
 OUT_ROWS = 128
-_HALF = 1 << 16
 # Residuals are decoded into int16; non-escaped values lie within a table (|v| <= 5 * 256 + 1).
 _I16 = np.iinfo(np.int16)
 # The float64 rate estimate runs on chunks of this many latents.
 _CHUNK = 1 << 20
-
-
-def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * torch.special.erfc(-x / math.sqrt(2.0))
 
 
 @functools.cache
@@ -318,12 +317,10 @@ class _Groups:
         tables = _residual_tables()
         coder = constriction.stream.stack.AnsCoder()
         # ANS is a stack: push what the decoder reads last first.
-        coder.encode_reverse(np.array(END_MARK, dtype=np.int32), constriction.stream.model.Uniform(_HALF))
+        push_end_mark(coder)
         parts = [e for level in sorted(self.escaped) for e in self.escaped[level]]
         if parts:
-            escaped = np.concatenate(parts).astype(np.int32).view(np.uint32)
-            halves = np.stack([escaped & (_HALF - 1), escaped >> 16], axis=1).reshape(-1).astype(np.int32)
-            coder.encode_reverse(halves, constriction.stream.model.Uniform(_HALF))
+            push_escapes(coder, np.concatenate(parts))
         for level in sorted(self.symbols, reverse=True):
             model = constriction.stream.model.Categorical(tables[level].probabilities()[0], perfect=False)
             for symbols in reversed(self.symbols[level]):
@@ -368,8 +365,7 @@ def _decode_levels(
         overflow = []
         n_escaped = sum(e.size for _, e in escapes)
         if n_escaped:
-            halves = coder.decode(constriction.stream.model.Uniform(_HALF), 2 * n_escaped).astype(np.uint32)
-            values = (halves[0::2] | (halves[1::2] << 16)).astype(np.uint32).view(np.int32)
+            values = pop_escapes(coder, n_escaped)
             start = 0
             for k, where in escapes:
                 v = values[start : start + where.size]
@@ -378,14 +374,11 @@ def _decode_levels(
                 out[k].reshape(-1)[where[fits]] = v[fits]
                 if not fits.all():
                     overflow.append((k, where[~fits], v[~fits]))
-        guard = tuple(int(v) for v in coder.decode(constriction.stream.model.Uniform(_HALF), len(END_MARK)))
-        leftover = not coder.is_empty()
+        problem = read_end_mark(coder)
     except (ValueError, KeyError) as e:
         raise CodecError(f"corrupted file: invalid entropy-coded stream ({e})") from None
-    if guard != END_MARK:
-        raise CodecError("corrupted file: the entropy-coded stream ends early or is damaged (no end mark)")
-    if leftover:
-        raise CodecError("corrupted file: the entropy-coded stream holds more data than the header announces")
+    if problem:
+        raise CodecError(problem)
     return out, overflow
 
 

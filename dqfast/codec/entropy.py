@@ -85,6 +85,35 @@ def check_symbol_range(values, *, what: str = "latents", lo: int = SYMBOL_MIN, h
         )
 
 
+def push_end_mark(coder) -> None:
+    """Push :data:`END_MARK` onto an ANS ``coder`` first, so the decoder reads it last."""
+    coder.encode_reverse(np.array(END_MARK, dtype=np.int32), constriction.stream.model.Uniform(_HALF))
+
+
+def push_escapes(coder, values: np.ndarray) -> None:
+    """Push escaped int32 ``values`` (in the order the decoder reads them) as two 16-bit halves each."""
+    escaped = np.asarray(values).astype(np.int32).view(np.uint32)
+    if escaped.size:
+        halves = np.stack([escaped & (_HALF - 1), escaped >> 16], axis=1).reshape(-1).astype(np.int32)
+        coder.encode_reverse(halves, constriction.stream.model.Uniform(_HALF))
+
+
+def pop_escapes(coder, n: int) -> np.ndarray:
+    """Read ``n`` escaped values pushed by :func:`push_escapes`: (n,) int32."""
+    halves = coder.decode(constriction.stream.model.Uniform(_HALF), 2 * n).astype(np.uint32)
+    return (halves[0::2] | (halves[1::2] << 16)).astype(np.uint32).view(np.int32)
+
+
+def read_end_mark(coder) -> str | None:
+    """Read the end mark off ``coder``; the reason the stream is damaged, or None when it ends cleanly."""
+    guard = tuple(int(v) for v in coder.decode(constriction.stream.model.Uniform(_HALF), len(END_MARK)))
+    if guard != END_MARK:
+        return "corrupted file: the entropy-coded stream ends early or is damaged (no end mark)"
+    if not coder.is_empty():
+        return "corrupted file: the entropy-coded stream holds more data than the header announces"
+    return None
+
+
 def quantize_pmf(pmf: np.ndarray, total: int = TOTAL) -> np.ndarray:
     """Integer counts approximating each row of ``pmf``, every count >= 1, every row summing to ``total``.
 
@@ -184,11 +213,8 @@ def encode_rows(values: np.ndarray, tables: IntegerTables) -> np.ndarray:
     coder = constriction.stream.stack.AnsCoder()
     # ANS is a stack: push what the decoder reads last first. Decoding order: rows 0..R-1, escapes,
     # end mark.
-    coder.encode_reverse(np.array(END_MARK, dtype=np.int32), constriction.stream.model.Uniform(_HALF))
-    escaped = values[outside].astype(np.int32).view(np.uint32)
-    if escaped.size:
-        halves = np.stack([escaped & (_HALF - 1), escaped >> 16], axis=1).reshape(-1).astype(np.int32)
-        coder.encode_reverse(halves, constriction.stream.model.Uniform(_HALF))
+    push_end_mark(coder)
+    push_escapes(coder, values[outside])
     models = _models(tables)
     for r in reversed(range(tables.rows)):
         if symbols.shape[1]:
@@ -232,16 +258,12 @@ def decode_rows(words: np.ndarray, tables: IntegerTables, n: int) -> np.ndarray:
         out += tables.lo
         n_escaped = int(outside.sum())
         if n_escaped:
-            halves = coder.decode(constriction.stream.model.Uniform(_HALF), 2 * n_escaped).astype(np.uint32)
-            out[outside] = (halves[0::2] | (halves[1::2] << 16)).astype(np.uint32).view(np.int32)
-        guard = tuple(int(v) for v in coder.decode(constriction.stream.model.Uniform(_HALF), len(END_MARK)))
-        leftover = not coder.is_empty()
+            out[outside] = pop_escapes(coder, n_escaped)
+        problem = read_end_mark(coder)
     except (ValueError, KeyError) as e:
         raise CodecError(f"corrupted file: invalid entropy-coded stream ({e})") from None
-    if guard != END_MARK:
-        raise CodecError("corrupted file: the entropy-coded stream ends early or is damaged (no end mark)")
-    if leftover:
-        raise CodecError("corrupted file: the entropy-coded stream holds more data than the header announces")
+    if problem:
+        raise CodecError(problem)
     return out
 
 
