@@ -40,8 +40,13 @@ if [[ $STAGE == all || $STAGE == cae ]]; then
   "$PY" -m dqfast train cae "${CAE[@]}" --steps "$CAE_DROP"
   "$PY" -m dqfast train cae "${CAE[@]}" --steps "$CAE_STEPS" --lr-drop "$CAE_DROP" --resume
 fi
+# The DQ-VAE: the same data as the CAE; 128x128 crops are 2x2 tiles of 64, each coded on its own, and
+# the decoder rebuilds a 64x64 window of their code map at a random offset (DQVAE.training_step), so
+# it decodes across tile borders as the codec's blending asks it to.
+DQVAE=(--model dqvae-small --data skimage:train --synthetic 448 --augment --crops-per-image 64 --batch-size 8 --crop 128
+  --lr 8e-4 --grad-clip 1.0 --log-every 50 --ckpt-every 250 --seed 0 --out "$WORK/dqvae-small")
 if [[ $STAGE == all || $STAGE == dqvae ]]; then
-  "$PY" -m dqfast train dqvae --model dqvae-small --out "$WORK/dqvae-small" --steps 5500 --lr 8e-4 "${COMMON[@]}"
+  "$PY" -m dqfast train dqvae "${DQVAE[@]}" --steps 7500
 fi
 
 # Copies the named runs of WORK (all of them when none is named) into the package.

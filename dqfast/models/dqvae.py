@@ -248,6 +248,11 @@ class LatentPositionEmbedding(nn.Module):
     vector in all four, and the position embedding is what lets the decoder draw them differently.
     The Fourier part is the transformer sinusoid of the row index (first half of the channels) and
     of the column index (second half). x: (B, C, H, W) -> same.
+
+    Periodic with the grid: a window of any size at ``offset`` (row, column, in latent cells from
+    the top-left of a tile) reads the embedding at ``(offset + i) mod grid``, so a window cut from
+    the code map of several tiles (as the codec decodes across tile borders) gets the embedding its
+    cells have in their own tiles.
     """
 
     def __init__(self, channels: int, height: int, width: int):
@@ -272,12 +277,15 @@ class LatentPositionEmbedding(nn.Module):
         col = cls._sinusoid(channels - rows, width)[:, None, :].expand(-1, height, width)
         return torch.cat([row, col])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.height, self.width):
-            raise ValueError(
-                f"the decoder was built for a {self.height}x{self.width} latent grid, got {tuple(x.shape[-2:])}"
-            )
-        return x + (self.fourier + self.row + self.col).to(x.dtype)
+    def forward(self, x: torch.Tensor, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        table = self.fourier + self.row + self.col
+        h, w = x.shape[-2:]
+        r0, c0 = (int(o) for o in offset)
+        if (h, w) != (self.height, self.width) or r0 % self.height or c0 % self.width:
+            rows = (torch.arange(h, device=x.device) + r0) % self.height
+            cols = (torch.arange(w, device=x.device) + c0) % self.width
+            table = table[:, rows][:, :, cols]
+        return x + table.to(x.dtype)
 
 
 class DQDecoder(nn.Module):
@@ -583,9 +591,13 @@ class DQVAE(nn.Module):
         q = dqfast.dynamic_quantize(maps, codebook, grain=grain, metric=self.metric, beta=self.beta)
         return q.quantized, q.indices, q.grain, q.n_codes, q.loss, q.loss.new_zeros(()), scores
 
-    def decode_latent(self, quantized: torch.Tensor) -> torch.Tensor:
-        """quantized: (B, embed_dim, Hf, Wf) dense code vectors -> images (B, 3, R, R)."""
-        return self.decoder(self.position(self.post_quant_conv(quantized)))
+    def decode_latent(self, quantized: torch.Tensor, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """quantized: (B, embed_dim, Hf, Wf) dense code vectors -> images (B, 3, R, R).
+
+        ``offset``: where the window's top-left cell lies in its tile, (row, column) in latent cells
+        (see :class:`LatentPositionEmbedding`); (0, 0) for a whole tile.
+        """
+        return self.decoder(self.position(self.post_quant_conv(quantized), offset))
 
     def _check_images(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
@@ -642,11 +654,13 @@ class DQVAE(nn.Module):
             _, indices, grain, n_codes, *_ = self._quantize(x, maps, budget, router_maps)
         return DQTokens(indices, grain, n_codes)
 
-    def decode(self, tokens: DQTokens | C2FTokens) -> torch.Tensor:
+    def decode(self, tokens: DQTokens | C2FTokens, *, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """Codes -> codebook vectors -> post-quant conv -> decoder: images (B, 3, R, R).
 
         tokens: :class:`DQTokens` (or a ``(indices, grain, ...)`` tuple), or the coarse-to-fine
-        :class:`dqfast.C2FTokens` of a generator.
+        :class:`dqfast.C2FTokens` of a generator. ``offset``: for a window of the code map of several
+        tiles, where its top-left cell lies in its tile (row, column, in finest latent cells); the
+        decoder was trained on such windows (see :meth:`training_step`).
         """
         if isinstance(tokens, C2FTokens):
             indices, _ = dqfast.c2f_unflatten(tokens)
@@ -662,7 +676,7 @@ class DQVAE(nn.Module):
         if self.metric == "cosine":
             codes = F.normalize(codes, dim=-1)
         quantized = rearrange(codes[indices], "b h w d -> b d h w")
-        return self.decode_latent(quantized)
+        return self.decode_latent(quantized, offset)
 
     def _similarity(self, reconstruction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """MS-SSIM when the images are large enough for its 4 downsamplings, else SSIM."""
@@ -672,13 +686,48 @@ class DQVAE(nn.Module):
         win = min(11, side if side % 2 else side - 1)
         return ssim(reconstruction, x, data_range=1.0, win_size=win)
 
+    def _window_step(self, x: torch.Tensor) -> tuple[DQVAEOutput, torch.Tensor]:
+        """x: (B, 3, nR, nR), n >= 2 -> (the output for one R x R window per image, its target).
+
+        Every R x R tile is coded on its own (as the codec codes them); the decoder then sees one
+        R x R window of the assembled code map per image, at a random offset (a whole number of
+        coarse regions, so the same for the whole batch), with the position embedding its cells
+        have in their tiles. Offsets across tile borders are what the codec decodes to hide them.
+        """
+        B, _, side, _ = x.shape
+        R, f = self.resolution, self.latent_size
+        n = side // R
+        tiles = rearrange(x, "b c (nh r) (nw s) -> (b nh nw) c r s", r=R, s=R)
+        maps, router_maps = self._encode_maps(tiles)
+        quantized, indices, grain, n_codes, quant_loss, budget_loss, scores = self._quantize(
+            tiles, maps, self.train_budget, router_maps
+        )
+        latent = rearrange(quantized, "(b nh nw) d h w -> b d (nh h) (nw w)", b=B, nh=n, nw=n)
+        region = 2 ** (self.num_grains - 1)
+        r0, c0 = (int(v) * region for v in torch.randint(0, (n - 1) * f // region + 1, (2,)))
+        window = latent[:, :, r0 : r0 + f, c0 : c0 + f]
+        reconstruction = self.decode_latent(window, (r0, c0))
+        stride = R // f
+        target = x[:, :, r0 * stride : r0 * stride + R, c0 * stride : c0 * stride + R]
+        return DQVAEOutput(reconstruction, indices, grain, n_codes, quant_loss, budget_loss, scores), target
+
     def training_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        """batch["image"]: (B, 3, R, R) in [0, 1] -> (loss, logs).
+        """batch["image"]: (B, 3, S, S) in [0, 1], S = n * R -> (loss, logs).
+
+        n = 1: the tile is coded and decoded. n >= 2: each of the n x n tiles is coded, and the
+        decoder rebuilds one R x R window of their code map at a random offset (see
+        :meth:`_window_step`), so it learns to decode across tile borders.
 
         loss = l1_weight * L1 + ssim_weight * (1 - (MS-)SSIM) + quantization loss + budget loss.
         """
         x = batch["image"]
-        out = self(x, budget=self.train_budget)
+        R = self.resolution
+        if x.dim() != 4 or x.shape[-1] != x.shape[-2] or x.shape[-1] % R:
+            raise ValueError(f"batch['image'] must be (B, 3, S, S) with S a multiple of {R}, got {tuple(x.shape)}")
+        if x.shape[-1] == R:
+            out = self(x, budget=self.train_budget)
+        else:
+            out, x = self._window_step(x)
         l1 = (out.reconstruction - x).abs().mean()
         similarity = self._similarity(out.reconstruction.float(), x.float())
         loss = self.l1_weight * l1 + self.ssim_weight * (1 - similarity) + out.quant_loss + out.budget_loss
@@ -694,7 +743,7 @@ class DQVAE(nn.Module):
             "quant_loss": out.quant_loss.item(),
             "budget_loss": out.budget_loss.item(),
             "fine_ratio": fine_ratio.item(),
-            "codes_per_image": out.n_codes.float().mean().item(),
+            "codes_per_image": out.n_codes.float().mean().item(),  # per R x R tile
         }
         return loss, logs
 
