@@ -33,7 +33,7 @@ COMMON=(--data "$WORK/train" --batch-size 8 --crop 64 --grad-clip 1.0 --log-ever
 # CAE_DROP steps, then a tenth of it until CAE_STEPS (the shipped run: the first 300 steps ran with
 # two threads, the rest with one; the trainer then wrote train_state.pt, the commands are the same).
 CAE_DROP=${CAE_DROP:-18600}
-CAE_STEPS=${CAE_STEPS:-24000}
+CAE_STEPS=${CAE_STEPS:-25000}
 CAE=(--model cae-small --data skimage:train --synthetic 448 --augment --crops-per-image 64 --batch-size 8 --crop 128
   --lr 3e-4 --grad-clip 1.0 --log-every 25 --ckpt-every 100 --seed 0 --out "$WORK/cae-small")
 if [[ $STAGE == all || $STAGE == cae ]]; then
@@ -125,7 +125,10 @@ for name in names:
         + " ".join(f"--{k.replace('_', '-')} {config['args'][k]}" for k in flags if config["args"].get(k) is not None),
         "train_args": {k: v for k, v in config["args"].items() if k not in ("data", "out")},
         "steps": log[-1]["step"],
-        "wall_time_s": round(log[-1]["elapsed_s"], 1),
+        # elapsed_s restarts with every resumed segment: the run's time is the sum of the segments.
+        "wall_time_s": round(
+            sum(a["elapsed_s"] for a, b in zip(log, log[1:] + [None]) if b is None or b["elapsed_s"] < a["elapsed_s"]), 1
+        ),
         "first_log": {k: round(v, 5) for k, v in log[0].items() if k in keep or k == "step"},
         "last_log": {k: round(v, 5) for k, v in log[-1].items() if k in keep or k == "step"},
         "parameters": sum(p.numel() for p in model.parameters()),
