@@ -119,6 +119,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--lr-drop", type=int, default=0, help="multiply the learning rate by 0.1 once this step is reached (0: never)"
     )
+    parser.add_argument(
+        "--init",
+        default=None,
+        help="start from these weights (a trained folder, or a preset with shipped weights) instead of a random "
+        "initialisation; the architecture must match (ignored when --resume finds a checkpoint)",
+    )
     parser.add_argument("--out", default="runs/train", help="output folder for checkpoints and logs")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out, if any")
     parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
@@ -308,6 +314,30 @@ def load_trained(out_dir: str | os.PathLike, device: str | torch.device = "cpu")
     model = _build(config["preset"], config.get("overrides", {}))
     load_model(model, str(weights_path), strict=True, device=str(device))
     return model.to(device).eval()
+
+
+def _load_init(model: nn.Module, spec: str) -> None:
+    """Load ``--init`` weights (a trained folder or a preset with shipped weights) into ``model``."""
+    from safetensors.torch import load_file
+
+    from dqfast.models import available
+    from dqfast.models.registry import verify_weights
+
+    if Path(spec).is_dir():
+        path = Path(spec) / WEIGHTS_FILE
+        if not path.is_file():
+            raise ValueError(f"--init {spec!r} holds no trained model: {WEIGHTS_FILE} is missing")
+    elif spec in available(pretrained=True):
+        path = verify_weights(spec)
+    else:
+        raise ValueError(
+            f"--init {spec!r} is neither a trained folder nor a preset with shipped weights "
+            f"({available(pretrained=True)})"
+        )
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(f"--init {spec!r}: its weights do not fit the model ({_one_line(e)})") from None
 
 
 def _load_tokenizer(spec: str, device: torch.device) -> nn.Module:
@@ -679,6 +709,8 @@ def _train(args: argparse.Namespace, device: torch.device, rank: int, world: int
         raise ValueError(f"preset {preset!r} has no incremental coefficient mask: drop --incremental")
     if args.kind == "cae" and not args.incremental and not resuming and hasattr(model, "enable_all_coefficients"):
         model.enable_all_coefficients()
+    if args.init is not None and not resuming:
+        _load_init(model, args.init)
 
     tokenizer = _load_tokenizer(args.tokenizer, device) if args.kind == "dqtransformer" else None
     # The side the network codes: a DQ-VAE's tile ``resolution`` (its own, or the tokenizer's).

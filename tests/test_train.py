@@ -301,3 +301,31 @@ def test_distributed_two_processes(data_dir, tmp_path):
     assert state["step"] == 3
     model = train.load_trained(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_init_starts_from_trained_weights(data_dir, tmp_path):
+    first = tmp_path / "first"
+    train.run(_args(data_dir, first, "--steps", "2"))
+    trained = load_file(first / train.WEIGHTS_FILE)
+    # Zero steps of learning (lr 0): the run's weights are the --init weights, not a fresh initialisation.
+    frozen = tmp_path / "frozen"
+    train.run(_args(data_dir, frozen, "--steps", "2", "--init", str(first), "--lr", "0"))
+    again = load_file(frozen / train.WEIGHTS_FILE)
+    for key in trained:
+        assert torch.equal(trained[key], again[key]), key
+    # A DQ-VAE at 2 x 2 tiles (window training) started from a tile-trained one.
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    common = ["--data", str(data_dir), "--steps", "2", "--batch-size", "2", "--device", "cpu", "--seed", "0"]
+    tiles, windows = tmp_path / "tiles", tmp_path / "windows"
+    train.run(parser.parse_args(["dqvae", "--model", "dqvae-tiny", "--crop", "32", "--out", str(tiles), *common]))
+    argv = ["dqvae", "--model", "dqvae-tiny", "--crop", "64", "--init", str(tiles), "--out", str(windows), *common]
+    logs = train.run(parser.parse_args(argv))
+    assert logs["step"] == 2 and np.isfinite(logs["psnr"])
+    # Errors name the argument.
+    with pytest.raises(ValueError, match="--init .* holds no trained model"):
+        train.run(_args(data_dir, tmp_path / "x", "--init", str(data_dir)))
+    with pytest.raises(ValueError, match="--init 'nope' is neither"):
+        train.run(_args(data_dir, tmp_path / "y", "--init", "nope"))
+    with pytest.raises(ValueError, match="--init .* do not fit the model"):
+        train.run(_args(data_dir, tmp_path / "z", "--init", str(tiles)))
