@@ -16,9 +16,31 @@ a budget to ``float[]?``. Each op has
 
 :mod:`dqfast.ops` validates, then calls these ops while ``torch.compile`` traces
 (``torch.compiler.is_compiling()``); eager calls dispatch directly, without the custom-op layer's
-per-call overhead, and give the same values and gradients. The Triton kernels are not
-``triton_op``/``wrap_triton`` ops: on a GPU they run inside the custom op's implementation,
-opaque to the compiler.
+per-call overhead, and give the same values and gradients.
+
+Compiled CUDA calls run the Triton kernels in the graph. The kernels are also registered as
+``torch.library.triton_op`` ops (:mod:`dqfast.kernels._triton_ops`: ``dqfast::<op>_triton`` and
+``dqfast::<op>_triton_backward``, each launch through ``torch.library.wrap_triton``) for
+subpixel_conv2d, upsample_conv2d, vector_quantize and c2f_attention. When AOTAutograd traces one
+of these custom ops (or its backward op) and every tensor of the call is on a CUDA device, a
+``FunctionalTensorMode`` rule asks :func:`dqfast.backend.describe` which path serves the call;
+when it is Triton, the custom op is replaced by the triton_op, which AOTAutograd decomposes into
+the kernel launches themselves. Inductor then compiles and autotunes those kernels with the rest
+of the graph (``triton.autotune`` configs, ``reset_to_zero`` and ``prune_configs_by`` are
+supported on that path) instead of calling an opaque function. Consequences:
+
+- the path is chosen when the graph is compiled (under the backend in force then), not at each
+  call; a backend set afterwards applies to the ops that stayed opaque only;
+- the backward of the conv ops and of the attention runs their backward kernels directly (no
+  recomputation for the convs; the attention's forward kernel runs again, because the backward
+  op carries no log-sum-exp); vector_quantize's straight-through backward is torch ops;
+- CPU calls, the fast and reference paths, and ``torch.export`` (which keeps triton_ops as custom
+  ops) are unchanged: one opaque node that dispatches at run time.
+
+Still opaque on a GPU: dynamic_quantize and code_statistics (their launchers compact the coded
+cells and size the codebook split on the device and accumulate with atomics; not converted yet)
+and c2f_decode_attention (forward-only inference kernel; not converted yet). Nothing here
+imports triton until a CUDA call is compiled onto the Triton path.
 """
 
 from __future__ import annotations
@@ -129,6 +151,64 @@ def _grads_or_none(grads: Sequence[Tensor], given: Sequence[Tensor | None], need
 
 
 # ----------------------------------------------------------------------------------------------
+# Compiling onto the Triton kernels (triton_op / wrap_triton)
+# ----------------------------------------------------------------------------------------------
+
+# Devices whose calls are decomposed onto the triton_ops when compiled (tests widen it to trace
+# the decomposition on CPU without a GPU; the interpreter's kernels cannot be traced).
+_GRAPH_TRITON_DEVICES = frozenset({"cuda"})
+
+
+def _triton_ops():
+    """:mod:`dqfast.kernels._triton_ops` (imports triton; only called for CUDA calls)."""
+    from dqfast.kernels import _triton_ops
+
+    return _triton_ops
+
+
+def _compiles_to_triton(op: str, *args, **kwargs) -> bool:
+    """Whether a traced call of ``op`` becomes the Triton kernels themselves: every tensor is on
+    a GPU and :func:`dqfast.backend.describe` routes the call to Triton under the backend in force
+    while the graph is compiled. (A backend that cannot serve it raises at run time instead, from
+    the opaque op, as an eager call would.)"""
+    tensors = backend._tensors(args, kwargs)
+    if not tensors or any(t.device.type not in _GRAPH_TRITON_DEVICES for t in tensors):
+        return False
+    try:
+        return backend.describe(op, *args, **kwargs).path == "triton"
+    except backend.BackendUnavailable:
+        return False
+
+
+def _keeps_custom_ops() -> bool:
+    """torch.export keeps triton_ops as custom ops (as torch does for its own triton_op)."""
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:
+        return False
+    return custom_triton_ops_decomposition_disabled()
+
+
+def _decompose_onto_triton(op_def, route: Callable, triton_call: Callable) -> None:
+    """Under AOTAutograd (``FunctionalTensorMode``: torch.compile's functionalized trace, never
+    eager), replace a call of ``op_def`` that ``route(*args)`` sends to Triton by
+    ``triton_call(*args)``, which calls the triton_ops of :mod:`dqfast.kernels._triton_ops`;
+    their own decomposition then puts the kernel launches into the graph. Every other call
+    stays one opaque node that dispatches at run time."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    def rule(mode, op, types, args, kwargs):
+        plain = all(issubclass(t, FakeTensor | FunctionalTensor) or t is Tensor for t in types)
+        if not plain or _keeps_custom_ops() or not route(*args, **kwargs):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode:
+            return triton_call(*args, **kwargs)
+
+    op_def.register_torch_dispatch(FunctionalTensorMode, rule)
+
+
+# ----------------------------------------------------------------------------------------------
 # subpixel_conv2d / upsample_conv2d
 # ----------------------------------------------------------------------------------------------
 
@@ -191,6 +271,22 @@ def _conv_op(name: str, reference_fn: Callable, factor_arg: str):
         return (*_grads_or_none(grads, (x, weight, bias), wants), None, None, None, None)
 
     op.register_autograd(backward, setup_context=setup_context)
+
+    def route(x, weight, bias, factor, padding_mode, activation, negative_slope, *rest):
+        kwargs = {factor_arg: factor, "padding_mode": padding_mode, "activation": activation}
+        return _compiles_to_triton(name, x, weight, bias, negative_slope=negative_slope, **kwargs)
+
+    # The custom ops promise contiguous outputs; the kernels keep x's memory format.
+    def triton_forward(*args):
+        forward, _ = _triton_ops().TRITON_OPS[name]
+        return forward(*args).contiguous()
+
+    def triton_backward(grad, *args):
+        _, backward = _triton_ops().TRITON_OPS[name]
+        return [g.contiguous() for g in backward(grad, *args)]
+
+    _decompose_onto_triton(op, route, triton_forward)
+    _decompose_onto_triton(op_backward, lambda grad, *args: route(*args), triton_backward)
     return op
 
 
@@ -262,6 +358,18 @@ def _vq_backward(ctx, grad_quantized, grad_indices, grad_distance):
 
 
 _vector_quantize.register_autograd(_vq_backward, setup_context=_vq_setup)
+
+
+def _vq_triton(z, codebook, metric):
+    forward, _ = _triton_ops().TRITON_OPS["vector_quantize"]
+    return tuple(t.contiguous() for t in forward(z, codebook, metric))
+
+
+_decompose_onto_triton(
+    _vector_quantize,
+    lambda z, codebook, metric: _compiles_to_triton("vector_quantize", z, codebook, metric=metric),
+    _vq_triton,
+)
 
 
 def vector_quantize(z, codebook, *, metric="l2") -> VQOutput:
@@ -473,6 +581,30 @@ def _attn_backward(ctx, grad):
 
 
 _c2f_attention.register_autograd(_attn_backward, setup_context=_attn_setup)
+
+
+def _attn_route(q, k, v, segment_sizes, lengths, mode, scale, *rest) -> bool:
+    layout = C2FLayout._unchecked(segment_sizes, lengths, mode)
+    return _compiles_to_triton("c2f_attention", q, k, v, layout, scale=scale)
+
+
+def _attn_triton(q, k, v, segment_sizes, lengths, mode, scale):
+    forward, _ = _triton_ops().TRITON_OPS["c2f_attention"]
+    out, _ = forward(q, k, v, segment_sizes, lengths, mode, scale)
+    return out.contiguous()
+
+
+def _attn_triton_backward(grad, q, k, v, segment_sizes, lengths, mode, scale, wants):
+    # The backward kernels read the forward's output and log-sum-exp, which this op's signature
+    # does not carry: the forward kernel runs again (as the opaque op recomputes too).
+    forward, backward = _triton_ops().TRITON_OPS["c2f_attention"]
+    out, lse = forward(q, k, v, segment_sizes, lengths, mode, scale)
+    grads = backward(grad, q, k, v, out, lse, segment_sizes, lengths, mode, scale)
+    return [g.contiguous() if w else t.new_empty(0) for g, t, w in zip(grads, (q, k, v), wants)]
+
+
+_decompose_onto_triton(_c2f_attention, _attn_route, _attn_triton)
+_decompose_onto_triton(_c2f_attention_backward, lambda grad, *args: _attn_route(*args), _attn_triton_backward)
 
 
 def c2f_attention(q, k, v, layout: C2FLayout, *, scale=None):

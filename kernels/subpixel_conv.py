@@ -665,6 +665,16 @@ def _channels_innermost(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return t.permute(order).contiguous().permute(inverse)
 
 
+def _direct(kernel):
+    """The default ``wrap_triton`` of the launchers: the kernel itself (a plain eager launch)."""
+    return kernel
+
+
+# The launchers take ``wrap_triton``: the ``torch.library.triton_op`` implementations in
+# :mod:`dqfast.kernels._triton_ops` pass ``torch.library.wrap_triton`` so that torch.compile
+# traces each launch into its graph. The parameter keeps that name because torch finds the
+# kernels of a triton_op by looking for ``wrap_triton(<kernel>)`` calls in its source.
+
 # The kernels split pixel indices in int32; the padded grid of grad_x is the largest they index.
 _MAX_PIXELS = 2**31 - 1
 
@@ -701,6 +711,8 @@ def subpixel_conv2d_fwd(
     padding_mode: str,
     activation: str | None,
     negative_slope: float,
+    *,
+    wrap_triton=_direct,
 ) -> torch.Tensor:
     """out = pixel_shuffle(act(conv2d(pad(x), weight, bias)), upscale).
 
@@ -718,7 +730,7 @@ def subpixel_conv2d_fwd(
     _check_pixels(x, k // 2)
     xl, wl = _channels_innermost(x), _channels_innermost(weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _subpixel_conv2d_fwd_kernel[grid](
+    wrap_triton(_subpixel_conv2d_fwd_kernel)[grid](
         xl, wl, wl if bias is None else bias, out,
         M, H, W, cin, n,
         xl.stride(0), xl.stride(2), xl.stride(3), wl.stride(0), wl.stride(2), wl.stride(3),
@@ -737,6 +749,8 @@ def subpixel_conv2d_folded_fwd(
     padding_mode: str,
     activation: str | None,
     negative_slope: float,
+    *,
+    wrap_triton=_direct,
 ) -> torch.Tensor:
     """The resize-conv upsampler on the low-res grid, reading only each phase's 2x2 taps.
 
@@ -753,7 +767,7 @@ def subpixel_conv2d_folded_fwd(
     _check_pixels(x, 1)
     xl, wl = _channels_innermost(x), _channels_innermost(phase_weight, dim=2)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]), 4)
-    _subpixel_conv2d_folded_fwd_kernel[grid](
+    wrap_triton(_subpixel_conv2d_folded_fwd_kernel)[grid](
         xl, wl, wl if bias is None else bias, out,
         M, H, W, cin, cout,
         xl.stride(0), xl.stride(2), xl.stride(3), wl.stride(0), wl.stride(1), wl.stride(3), wl.stride(4),
@@ -791,6 +805,8 @@ def subpixel_conv2d_bwd(
     activation: str | None,
     negative_slope: float,
     needs_grad: tuple[bool, bool, bool] = (True, True, True),
+    *,
+    wrap_triton=_direct,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`subpixel_conv2d_fwd` w.r.t. (x, weight, bias).
 
@@ -830,7 +846,7 @@ def subpixel_conv2d_bwd(
     else:
         wl = _channels_innermost(weight)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _subpixel_conv2d_bwd_act_kernel[grid](
+        wrap_triton(_subpixel_conv2d_bwd_act_kernel)[grid](
             xl, wl, wl if bias is None else bias, grad_out, g,
             M, H, W, cin, n, np_,
             xl.stride(0), xl.stride(2), xl.stride(3), wl.stride(0), wl.stride(2), wl.stride(3),
@@ -855,7 +871,7 @@ def subpixel_conv2d_bwd(
         wt[:, :, :n].view(k, k, cin, n).copy_(weight.permute(2, 3, 1, 0))
         mp = B * hp * wp
         grid = lambda meta: (triton.cdiv(mp, meta["BLOCK_M"]) * triton.cdiv(cin, meta["BLOCK_N"]),)
-        _subpixel_conv2d_bwd_dx_kernel[grid](
+        wrap_triton(_subpixel_conv2d_bwd_dx_kernel)[grid](
             g, wt, dx,
             mp, H, W, hp, wp, offset, cin, np_,
             *dx.stride(),
@@ -876,7 +892,7 @@ def subpixel_conv2d_bwd(
             triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(cin, meta["BLOCK_C"]) * k * k,
             triton.cdiv(M, m_per_split),
         )
-        _subpixel_conv2d_bwd_dw_kernel[grid](
+        wrap_triton(_subpixel_conv2d_bwd_dw_kernel)[grid](
             g, xl, dw, db,
             M, H, W, cin, n, np_, m_per_split,
             xl.stride(0), xl.stride(2), xl.stride(3),
@@ -1005,14 +1021,30 @@ def fold_phase_weights(conv_weight: torch.Tensor) -> torch.Tensor:
     t = (a + dy) // 2 + 1 - a. Phase 0: dy = -1 -> t 0; dy = 0, 1 -> t 1. Phase 1: dy = -1, 0 -> t 0;
     dy = 1 -> t 1. Each 2x2 tap is the sum of the 3x3 taps that land on it.
     """
-    fold = conv_weight.new_zeros(2, 2, 3)  # fold[a, t, dy + 1]
-    for a in range(2):
-        for dy in (-1, 0, 1):
-            fold[a, (a + dy) // 2 + 1 - a, dy + 1] = 1
+    fold = _phase_fold(conv_weight)
     # Laid out with Cin innermost (a permuted view): the layout the phase-aware kernel reads, so
     # its launcher needs no copy of the weight.
     phase = torch.einsum("oikl,atk,bul->oabtui", conv_weight, fold, fold)
     return phase.reshape(conv_weight.shape[0], 4, 2, 2, conv_weight.shape[1]).permute(0, 1, 4, 2, 3)
+
+
+def _phase_fold(like: torch.Tensor) -> torch.Tensor:
+    """fold[a, t, dy + 1] = 1 where high-res tap dy of phase a lands on low-res tap t (see
+    :func:`fold_phase_weights`), in ``like``'s dtype and device."""
+    # Computed on the device from aranges: no host-to-device copy (which would synchronise the
+    # stream on every call) and no index assignments (a dozen nodes in a traced graph).
+    a = torch.arange(2, device=like.device).view(2, 1, 1)
+    t = torch.arange(2, device=like.device).view(1, 2, 1)
+    dy = torch.arange(-1, 2, device=like.device).view(1, 1, 3)
+    return (torch.div(a + dy, 2, rounding_mode="floor") + 1 - a == t).to(like.dtype)
+
+
+def fold_phase_weights_grad(grad_phase: torch.Tensor) -> torch.Tensor:
+    """The gradient w.r.t. the (Cout, Cin, 3, 3) conv weight given the gradient w.r.t. its
+    :func:`fold_phase_weights` (Cout, 4, Cin, 2, 2): the transpose of that linear map."""
+    fold = _phase_fold(grad_phase)
+    cout, _, cin, _, _ = grad_phase.shape
+    return torch.einsum("oabitu,atk,bul->oikl", grad_phase.reshape(cout, 2, 2, cin, 2, 2), fold, fold)
 
 
 def phase_weights_to_dense(phase_weight: torch.Tensor) -> torch.Tensor:

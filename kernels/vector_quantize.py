@@ -678,8 +678,18 @@ def _code_statistics_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+def _direct(kernel):
+    """The default ``wrap_triton`` of a launcher: the kernel itself (a plain eager launch).
+
+    :mod:`dqfast.kernels._triton_ops` passes ``torch.library.wrap_triton`` instead, so that
+    torch.compile traces the launch into its graph (the parameter keeps that name because torch
+    finds a triton_op's kernels by looking for ``wrap_triton(<kernel>)`` calls in its source).
+    """
+    return kernel
+
+
 def vector_quantize_fwd(
-    z: torch.Tensor, codebook: torch.Tensor, *, cosine: bool, out_dtype: torch.dtype
+    z: torch.Tensor, codebook: torch.Tensor, *, cosine: bool, out_dtype: torch.dtype, wrap_triton=_direct
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Nearest code of every row.
 
@@ -698,7 +708,7 @@ def vector_quantize_fwd(
     code_sq = codebook.float().pow(2).sum(-1)
     block_d = _block_d(D, z.dtype, gathered=False)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-    _vector_quantize_fwd_kernel[grid](
+    wrap_triton(_vector_quantize_fwd_kernel)[grid](
         z, codebook, code_sq, quantized, indices, distance,
         N, K, D, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
         COSINE=cosine, DOT_PRECISION=_dot_precision(z.dtype), SINGLE_CHUNK=D <= block_d, BLOCK_D=block_d,

@@ -1,0 +1,406 @@
+"""The Triton kernels as ``torch.library.triton_op`` ops, so ``torch.compile`` sees the kernels.
+
+A ``torch.library.custom_op`` is opaque to the compiler: Inductor calls it as an external
+function. A ``triton_op`` is decomposed by AOTAutograd into its torch ops and one
+``triton_kernel_wrapper_functional`` node per launch (each launch goes through
+``torch.library.wrap_triton``), which Inductor compiles, autotunes and schedules with the rest of
+the graph (the user-defined Triton kernel path; the launchers' ``triton.autotune`` configs and
+``reset_to_zero`` are supported there). Eagerly a triton_op runs its launcher directly.
+
+Ops (each with a fake implementation, which is the function itself, and an autograd formula):
+
+- ``dqfast::subpixel_conv2d_triton`` / ``dqfast::subpixel_conv2d_triton_backward``: the fused
+  sub-pixel conv forward kernel; the backward op runs the backward kernels (activation
+  recompute, grad_x, grad_weight/grad_bias) and returns ``[grad_x, grad_weight, grad_bias]``, an
+  empty tensor for a gradient not wanted.
+- ``dqfast::upsample_conv2d_triton`` / ``dqfast::upsample_conv2d_triton_backward``: the
+  phase-aware resize-conv kernel (scale 2, 3x3); the backward runs the sub-pixel backward kernels
+  on the equivalent dense weight, as the kernel's autograd.Function does, and maps the weight
+  gradient back through the fold.
+- ``dqfast::vector_quantize_triton``: the nearest-code search kernel; its gradient is the
+  straight-through one (through the l2 normalisation for cosine), plain torch ops.
+- ``dqfast::c2f_attention_triton`` / ``dqfast::c2f_attention_triton_backward``: the attention
+  forward (returns the output and the log-sum-exp the backward reads) and the three backward
+  kernels. ``kernels/c2f_attention.py`` launches its kernels directly, so its two launchers are
+  restated here with their launches through ``wrap_triton`` (same arguments; the parity tests
+  check them against the reference), and its layout tables are rebuilt per call: its per-device
+  ``functools.lru_cache`` of seg_start must not keep a tensor made while torch.compile traces.
+
+Not here (they stay inside the opaque custom ops of :mod:`dqfast.library`): dynamic_quantize and
+code_statistics (their launchers compact the coded cells and size the codebook split on the
+device, and the combine/backward kernels accumulate with atomics; not converted yet) and
+c2f_decode_attention (forward-only inference kernel; not converted yet).
+
+Autotuned kernels: ``wrap_triton`` accepts ``triton.autotune`` kernels; Inductor autotunes them
+itself over the listed configs (``configs``, ``key``, ``reset_to_zero`` and
+``prune_configs_by`` are supported, pre/post hooks are not, and none is used here). Under
+``TRITON_INTERPRET=1`` torch leaves interpreted kernels unwrapped, so the ops run eagerly on CPU
+tensors there (the parity tests) but cannot be traced.
+
+Importing this module imports triton and the kernel modules: :mod:`dqfast.library` imports it
+only when a CUDA call is being compiled onto the Triton path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import c2f_attention as _c2f
+from .c2f_attention import (
+    _c2f_attention_bwd_dkdv_kernel,
+    _c2f_attention_bwd_dq_kernel,
+    _c2f_attention_bwd_preprocess_kernel,
+    _c2f_attention_fwd_kernel,
+)
+from .subpixel_conv import (
+    _dense_to_phase_weights,
+    fold_phase_weights,
+    fold_phase_weights_grad,
+    phase_weights_to_dense,
+    subpixel_conv2d_bwd,
+    subpixel_conv2d_folded_fwd,
+    subpixel_conv2d_fwd,
+)
+from .vector_quantize import NORMALIZE_EPS, vector_quantize_fwd
+
+__all__ = [
+    "subpixel_conv2d_triton",
+    "subpixel_conv2d_triton_backward",
+    "upsample_conv2d_triton",
+    "upsample_conv2d_triton_backward",
+    "vector_quantize_triton",
+    "c2f_attention_triton",
+    "c2f_attention_triton_backward",
+    "TRITON_OPS",
+]
+
+
+def _grads_out(grads, primals: tuple[Tensor | None, ...]) -> list[Tensor]:
+    """The backward ops' result: each gradient, or an empty tensor where none was computed."""
+    first = primals[0]
+    return [g if g is not None else (p if p is not None else first).new_empty(0) for g, p in zip(grads, primals)]
+
+
+def _grads_or_none(grads: list[Tensor], wants: list[bool]) -> list[Tensor | None]:
+    return [g if w else None for g, w in zip(grads, wants)]
+
+
+def _conv_wants(ctx) -> list[bool]:
+    needs = ctx.needs_input_grad
+    return [bool(needs[0]), bool(needs[1]), bool(needs[2]) and ctx.has_bias]
+
+
+def _conv_setup(ctx, inputs, output) -> None:
+    x, weight, bias, *rest = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.rest = rest
+    ctx.has_bias = bias is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# subpixel_conv2d
+# ----------------------------------------------------------------------------------------------
+
+
+@triton_op("dqfast::subpixel_conv2d_triton", mutates_args=())
+def subpixel_conv2d_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    factor: int,
+    padding_mode: str,
+    activation: str | None,
+    negative_slope: float,
+) -> Tensor:
+    """pixel_shuffle(act(conv2d(pad(x), weight, bias)), factor) on the fused kernel.
+
+    x: (B, Cin, H, W); weight: (Cout * factor**2, Cin, k, k); bias: (Cout * factor**2,) or None.
+    Returns (B, Cout, factor * H, factor * W) in x's dtype and memory format.
+    """
+    return subpixel_conv2d_fwd(
+        x, weight, bias, factor, padding_mode, activation, negative_slope, wrap_triton=wrap_triton
+    )
+
+
+@triton_op("dqfast::subpixel_conv2d_triton_backward", mutates_args=())
+def subpixel_conv2d_triton_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    factor: int,
+    padding_mode: str,
+    activation: str | None,
+    negative_slope: float,
+    wants: list[bool],
+) -> list[Tensor]:
+    """[grad_x, grad_weight, grad_bias] of :func:`subpixel_conv2d_triton` for the gradient ``grad``
+    of its output; ``wants`` flags which to compute (an empty tensor stands for the others)."""
+    grads = subpixel_conv2d_bwd(
+        grad, x, weight, bias, factor, padding_mode, activation, negative_slope,
+        needs_grad=(wants[0], wants[1], wants[2]), wrap_triton=wrap_triton,
+    )  # fmt: skip
+    return _grads_out(grads, (x, weight, bias))
+
+
+def _subpixel_backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    wants = _conv_wants(ctx)
+    grads = subpixel_conv2d_triton_backward(grad, x, weight, bias, *ctx.rest, wants)
+    return (*_grads_or_none(grads, wants), None, None, None, None)
+
+
+subpixel_conv2d_triton.register_autograd(_subpixel_backward, setup_context=_conv_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# upsample_conv2d
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_scale(factor: int) -> None:
+    if factor != 2:
+        raise ValueError(f"the phase-aware resize-conv kernel covers a 2x upsample only, got scale {factor}")
+
+
+@triton_op("dqfast::upsample_conv2d_triton", mutates_args=())
+def upsample_conv2d_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    factor: int,
+    padding_mode: str,
+    activation: str | None,
+    negative_slope: float,
+) -> Tensor:
+    """act(conv3x3(nearest_upsample_x2(x))) on the phase-aware kernel.
+
+    x: (B, Cin, H, W); weight: (Cout, Cin, 3, 3); bias: (Cout,) or None; factor must be 2.
+    Returns (B, Cout, 2H, 2W) in x's dtype and memory format.
+    """
+    _check_scale(factor)
+    return subpixel_conv2d_folded_fwd(
+        x, fold_phase_weights(weight), bias, padding_mode, activation, negative_slope, wrap_triton=wrap_triton
+    )
+
+
+@triton_op("dqfast::upsample_conv2d_triton_backward", mutates_args=())
+def upsample_conv2d_triton_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    factor: int,
+    padding_mode: str,
+    activation: str | None,
+    negative_slope: float,
+    wants: list[bool],
+) -> list[Tensor]:
+    """[grad_x, grad_weight, grad_bias] of :func:`upsample_conv2d_triton`: the sub-pixel backward
+    kernels on the dense (Cout * 4, Cin, 3, 3) equivalent of the folded weight, the weight
+    gradient mapped back to the phase taps and then through the fold to the 3x3 weight."""
+    _check_scale(factor)
+    dense = phase_weights_to_dense(fold_phase_weights(weight))
+    dense_bias = None if bias is None else bias.repeat_interleave(4)
+    grad_x, grad_dense, grad_dense_bias = subpixel_conv2d_bwd(
+        grad, x, dense, dense_bias, 2, padding_mode, activation, negative_slope,
+        needs_grad=(wants[0], wants[1], wants[2]), wrap_triton=wrap_triton,
+    )  # fmt: skip
+    grad_w = None if grad_dense is None else fold_phase_weights_grad(_dense_to_phase_weights(grad_dense))
+    grad_b = None if grad_dense_bias is None else grad_dense_bias.view(-1, 4).sum(1)
+    return _grads_out((grad_x, grad_w, grad_b), (x, weight, bias))
+
+
+def _upsample_backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    wants = _conv_wants(ctx)
+    grads = upsample_conv2d_triton_backward(grad, x, weight, bias, *ctx.rest, wants)
+    return (*_grads_or_none(grads, wants), None, None, None, None)
+
+
+upsample_conv2d_triton.register_autograd(_upsample_backward, setup_context=_conv_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# vector_quantize
+# ----------------------------------------------------------------------------------------------
+
+
+@triton_op("dqfast::vector_quantize_triton", mutates_args=())
+def vector_quantize_triton(z: Tensor, codebook: Tensor, metric: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Nearest-code search. z: (..., D), codebook: (K, D), metric "l2" or "cosine" ->
+    (quantized (..., D) in z's dtype, indices (...) int64, distance (...) fp32)."""
+    lead, D = z.shape[:-1], z.shape[-1]
+    flat = z.reshape(-1, D)
+    cosine = metric == "cosine"
+    if cosine:
+        flat = F.normalize(flat.float(), dim=-1, eps=NORMALIZE_EPS)
+        codebook = F.normalize(codebook.float(), dim=-1, eps=NORMALIZE_EPS)
+    quantized, indices, distance = vector_quantize_fwd(
+        flat, codebook, cosine=cosine, out_dtype=z.dtype, wrap_triton=wrap_triton
+    )
+    return quantized.reshape(*lead, D), indices.reshape(lead), distance.reshape(lead)
+
+
+def _vq_setup(ctx, inputs, output) -> None:
+    z, _, metric = inputs
+    ctx.save_for_backward(z)
+    ctx.metric = metric
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _vq_backward(ctx, grad_quantized, grad_indices, grad_distance):
+    """Straight-through to z: unchanged for l2; for cosine through ``F.normalize(z.float())``,
+    whose gradient is (g - y (y . g)) / |z| with y the unit vector (g / eps where |z| <= eps)."""
+    (z,) = ctx.saved_tensors
+    if ctx.metric != "cosine":
+        return grad_quantized.to(z.dtype), None, None
+    zf, g = z.float(), grad_quantized.float()
+    norm = torch.linalg.vector_norm(zf, dim=-1, keepdim=True)
+    denom = norm.clamp_min(NORMALIZE_EPS)
+    y = zf / denom
+    grad = torch.where(norm > NORMALIZE_EPS, g - y * (y * g).sum(-1, keepdim=True), g) / denom
+    return grad.to(z.dtype), None, None
+
+
+vector_quantize_triton.register_autograd(_vq_backward, setup_context=_vq_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# c2f_attention
+# ----------------------------------------------------------------------------------------------
+
+
+def _c2f_tables(segment_sizes: list[int], lengths: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(seg_start (S + 1,), valid_end (B, S)) int32, as ``kernels.c2f_attention._layout_tables``
+    makes them but without its per-device cache of seg_start (a cache must not keep a tensor
+    made while torch.compile traces)."""
+    starts = [0]
+    for size in segment_sizes:
+        starts.append(starts[-1] + int(size))
+    seg_start = torch.tensor(starts, dtype=torch.int32, device=device)
+    valid_end = (seg_start[:-1] + lengths.to(device=device, dtype=torch.int32)).contiguous()
+    return seg_start, valid_end
+
+
+def _c2f_scale(q: Tensor, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _c2f_fwd(q, k, v, seg_start, valid_end, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """``kernels.c2f_attention.c2f_attention_fwd`` with its launch through ``wrap_triton``
+    (that file's launchers launch their kernels directly)."""
+    B, H, L, Dh = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+
+    def grid(meta):
+        return (B * H, triton.cdiv(L, meta["BLOCK_M"]))
+
+    wrap_triton(_c2f_attention_fwd_kernel)[grid](
+        q, k, v, out, lse, seg_start, valid_end,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, L, valid_end.shape[1], Dh, scale * _c2f.LOG2E,
+        IS_CAUSAL=is_causal, DOT_PRECISION=_c2f._dot_precision(q.dtype), BLOCK_D=_c2f._block_d(Dh),
+    )  # fmt: skip
+    return out, lse
+
+
+def _c2f_bwd(do, q, k, v, out, lse, seg_start, valid_end, is_causal: bool, scale: float):
+    """``kernels.c2f_attention.c2f_attention_bwd`` with its launches through ``wrap_triton``."""
+    B, H, L, Dh = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if dq.numel() == 0:
+        return dq, dk, dv
+    block_d = _c2f._block_d(Dh)
+    precision = _c2f._dot_precision(q.dtype)
+    S = valid_end.shape[1]
+
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    pre_block = 16 if _c2f._INTERPRET else 64
+    wrap_triton(_c2f_attention_bwd_preprocess_kernel)[(B * H, triton.cdiv(L, pre_block))](
+        out, do, delta, *out.stride(), *do.stride(), H, L, Dh, BLOCK_M=pre_block, BLOCK_D=block_d
+    )
+
+    def dq_grid(meta):
+        return (B * H, triton.cdiv(L, meta["BLOCK_M"]))
+
+    wrap_triton(_c2f_attention_bwd_dq_kernel)[dq_grid](
+        q, k, v, do, dq, lse, delta, seg_start, valid_end,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        H, L, S, Dh, scale, scale * _c2f.LOG2E,
+        IS_CAUSAL=is_causal, DOT_PRECISION=precision, BLOCK_D=block_d,
+    )  # fmt: skip
+
+    def dkdv_grid(meta):
+        return (B * H, triton.cdiv(L, meta["BLOCK_N"]))
+
+    wrap_triton(_c2f_attention_bwd_dkdv_kernel)[dkdv_grid](
+        q, k, v, do, dk, dv, lse, delta, seg_start, valid_end,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        H, L, S, Dh, scale, scale * _c2f.LOG2E,
+        IS_CAUSAL=is_causal, DOT_PRECISION=precision, BLOCK_D=block_d,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+@triton_op("dqfast::c2f_attention_triton", mutates_args=())
+def c2f_attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, segment_sizes: list[int], lengths: Tensor, mode: str, scale: float | None
+) -> tuple[Tensor, Tensor]:
+    """Coarse-to-fine masked attention forward. q, k, v: (B, H, L, Dh), any strides; the layout
+    as ``segment_sizes`` (S,), ``lengths`` (B, S) and ``mode`` ("causal" or "block").
+    Returns (out (B, H, L, Dh) in q's dtype, lse (B, H, L) fp32, what the backward reads)."""
+    seg_start, valid_end = _c2f_tables(segment_sizes, lengths, q.device)
+    return _c2f_fwd(q, k, v, seg_start, valid_end, mode == "causal", _c2f_scale(q, scale))
+
+
+@triton_op("dqfast::c2f_attention_triton_backward", mutates_args=())
+def c2f_attention_triton_backward(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    segment_sizes: list[int],
+    lengths: Tensor,
+    mode: str,
+    scale: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of :func:`c2f_attention_triton` for the gradient ``grad`` of ``out``."""
+    seg_start, valid_end = _c2f_tables(segment_sizes, lengths, q.device)
+    return _c2f_bwd(grad, q, k, v, out, lse, seg_start, valid_end, mode == "causal", _c2f_scale(q, scale))
+
+
+def _c2f_setup(ctx, inputs, output) -> None:
+    q, k, v, segment_sizes, lengths, mode, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, lengths)
+    ctx.rest = (segment_sizes, mode, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _c2f_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, lengths = ctx.saved_tensors
+    segment_sizes, mode, scale = ctx.rest
+    dq, dk, dv = c2f_attention_triton_backward(grad_out, q, k, v, out, lse, segment_sizes, lengths, mode, scale)
+    return dq, dk, dv, None, None, None, None
+
+
+c2f_attention_triton.register_autograd(_c2f_backward, setup_context=_c2f_setup)
+
+
+# Public op name -> (forward triton_op, backward triton_op or None).
+TRITON_OPS = {
+    "subpixel_conv2d": (subpixel_conv2d_triton, subpixel_conv2d_triton_backward),
+    "upsample_conv2d": (upsample_conv2d_triton, upsample_conv2d_triton_backward),
+    "vector_quantize": (vector_quantize_triton, None),
+    "c2f_attention": (c2f_attention_triton, c2f_attention_triton_backward),
+}

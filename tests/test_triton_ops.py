@@ -1,0 +1,421 @@
+"""The Triton kernels as ``torch.library.triton_op`` ops (kernels/_triton_ops.py) and the
+decomposition of the public custom ops onto them when torch.compile traces a CUDA call.
+
+Without a GPU: the registrations and schemas, the kernels torch finds in each op, eager parity of
+the triton_ops with the reference on the CPU interpreter (values and gradients), and the graphs
+AOTAutograd traces (in a subprocess that imports the kernels compiled, not interpreted, and
+points triton at an sm_90 target so that the kernels' mutation analysis runs): a routed call
+becomes the kernel launches themselves, forward and backward, and a CPU call stays one opaque
+node. With a GPU: torch.compile(fullgraph=True) with inductor, equal to eager, and the kernels
+appear in the generated code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import dqfast
+from dqfast import library  # noqa: F401  (registers the public custom ops)
+from dqfast.reference import c2f_attention as ref_attn
+from dqfast.reference import subpixel_conv as ref_spc
+from dqfast.reference import vector_quantize as ref_vq
+from tests.helpers import CAN_RUN_KERNELS, HAS_TRITON, KERNEL_DEVICE, needs_gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton installed")
+
+# name -> (schema, kernels launched)
+EXPECTED = {
+    "subpixel_conv2d_triton": (
+        "dqfast::subpixel_conv2d_triton(Tensor x, Tensor weight, Tensor? bias, SymInt factor, str padding_mode, "
+        "str? activation, float negative_slope) -> Tensor",
+        {"_subpixel_conv2d_fwd_kernel"},
+    ),
+    "subpixel_conv2d_triton_backward": (
+        "dqfast::subpixel_conv2d_triton_backward(Tensor grad, Tensor x, Tensor weight, Tensor? bias, SymInt factor, "
+        "str padding_mode, str? activation, float negative_slope, bool[] wants) -> Tensor[]",
+        {"_subpixel_conv2d_bwd_act_kernel", "_subpixel_conv2d_bwd_dx_kernel", "_subpixel_conv2d_bwd_dw_kernel"},
+    ),
+    "upsample_conv2d_triton": (
+        "dqfast::upsample_conv2d_triton(Tensor x, Tensor weight, Tensor? bias, SymInt factor, str padding_mode, "
+        "str? activation, float negative_slope) -> Tensor",
+        {"_subpixel_conv2d_folded_fwd_kernel"},
+    ),
+    "upsample_conv2d_triton_backward": (
+        "dqfast::upsample_conv2d_triton_backward(Tensor grad, Tensor x, Tensor weight, Tensor? bias, SymInt factor, "
+        "str padding_mode, str? activation, float negative_slope, bool[] wants) -> Tensor[]",
+        {"_subpixel_conv2d_bwd_act_kernel", "_subpixel_conv2d_bwd_dx_kernel", "_subpixel_conv2d_bwd_dw_kernel"},
+    ),
+    "vector_quantize_triton": (
+        "dqfast::vector_quantize_triton(Tensor z, Tensor codebook, str metric) -> (Tensor, Tensor, Tensor)",
+        {"_vector_quantize_fwd_kernel"},
+    ),
+    "c2f_attention_triton": (
+        "dqfast::c2f_attention_triton(Tensor q, Tensor k, Tensor v, SymInt[] segment_sizes, Tensor lengths, "
+        "str mode, float? scale) -> (Tensor, Tensor)",
+        {"_c2f_attention_fwd_kernel"},
+    ),
+    "c2f_attention_triton_backward": (
+        "dqfast::c2f_attention_triton_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "SymInt[] segment_sizes, Tensor lengths, str mode, float? scale) -> (Tensor, Tensor, Tensor)",
+        {"_c2f_attention_bwd_preprocess_kernel", "_c2f_attention_bwd_dq_kernel", "_c2f_attention_bwd_dkdv_kernel"},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def triton_ops():
+    if not HAS_TRITON:
+        pytest.skip("needs triton installed")
+    from dqfast.kernels import _triton_ops
+
+    return _triton_ops
+
+
+def test_library_import_does_not_import_triton():
+    code = "import sys, dqfast.library; print(any(m.split('.')[0] == 'triton' for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_registrations_and_schemas(triton_ops):
+    assert set(triton_ops.TRITON_OPS) == {"subpixel_conv2d", "upsample_conv2d", "vector_quantize", "c2f_attention"}
+    for name, (schema, _) in EXPECTED.items():
+        assert str(getattr(torch.ops.dqfast, name).default._schema) == schema
+    for public, (forward, backward) in triton_ops.TRITON_OPS.items():
+        assert forward._qualname == f"dqfast::{public}_triton"
+        assert backward is None or backward._qualname == f"dqfast::{public}_triton_backward"
+        # same arguments as the opaque op they stand in for, so the decomposition forwards them as is
+        generic = getattr(torch.ops.dqfast, public).default._schema
+        assert [a.name for a in forward._opoverload._schema.arguments] == [a.name for a in generic.arguments]
+
+
+def test_schema_and_autograd_registration(triton_ops):
+    # opcheck's fake-tensor and AOT tests would run the interpreter's kernels on fake tensors
+    # (wrap_triton leaves interpreted kernels unwrapped): the traced graphs are checked below.
+    x, w, b = torch.randn(1, 2, 3, 3), torch.randn(4, 2, 3, 3, requires_grad=True), torch.randn(4)
+    args = (x, w, b, 2, "zeros", "relu", 0.01)
+    for op in (torch.ops.dqfast.subpixel_conv2d_triton, torch.ops.dqfast.upsample_conv2d_triton):
+        torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_autograd_registration"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager parity of the triton_ops (CPU interpreter or GPU) with the reference
+# ----------------------------------------------------------------------------------------------
+
+needs_kernels = pytest.mark.skipif(
+    not CAN_RUN_KERNELS, reason="Triton kernels need triton and a CUDA device or TRITON_INTERPRET=1"
+)
+
+CONV_CASES = [
+    # (B, Cin, H, W, Cout, k, padding_mode, activation, bias, channels_last)
+    (2, 3, 5, 4, 2, 3, "replicate", "gelu", True, False),
+    (1, 5, 4, 6, 3, 3, "reflect", None, False, False),
+    (2, 4, 3, 5, 2, 1, "zeros", "leaky_relu", True, True),
+]
+
+
+def _leaves(*tensors):
+    return [None if t is None else t.detach().to(KERNEL_DEVICE).requires_grad_() for t in tensors]
+
+
+def _grads(out, leaves, go):
+    return torch.autograd.grad(out, [t for t in leaves if t is not None], go)
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_conv():
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        yield
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[6]}-{c[7]}-k{c[5]}")
+def test_subpixel_conv2d_triton_matches_reference(triton_ops, case):
+    B, cin, H, W, cout, k, pad, act, has_bias, cl = case
+    r = 2
+    torch.manual_seed(0)
+    x = torch.randn(B, cin, H, W)
+    x = x.to(memory_format=torch.channels_last) if cl else x
+    w = torch.randn(cout * r * r, cin, k, k) * (cin * k * k) ** -0.5
+    b = torch.randn(cout * r * r) * 0.5 if has_bias else None
+    go = torch.randn(B, cout, r * H, r * W)
+    kl, rl = _leaves(x, w, b), _leaves(x, w, b)
+    out = torch.ops.dqfast.subpixel_conv2d_triton(*kl, r, pad, act, 0.2)
+    expected = ref_spc.subpixel_conv2d(*rl, upscale=r, padding_mode=pad, activation=act, negative_slope=0.2)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    for g, e in zip(_grads(out, kl, go.to(out.device)), _grads(expected, rl, go.to(out.device))):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("pad, act, has_bias", [("zeros", "silu", True), ("replicate", None, False)])
+def test_upsample_conv2d_triton_matches_reference(triton_ops, pad, act, has_bias):
+    torch.manual_seed(1)
+    x, w = torch.randn(2, 5, 4, 3), torch.randn(3, 5, 3, 3) * 0.2
+    b = torch.randn(3) if has_bias else None
+    go = torch.randn(2, 3, 8, 6)
+    kl, rl = _leaves(x, w, b), _leaves(x, w, b)
+    out = torch.ops.dqfast.upsample_conv2d_triton(*kl, 2, pad, act, 0.01)
+    expected = ref_spc.upsample_conv2d(*rl, scale=2, padding_mode=pad, activation=act)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    for g, e in zip(_grads(out, kl, go.to(out.device)), _grads(expected, rl, go.to(out.device))):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["causal", "block"])
+def test_c2f_attention_triton_matches_reference(triton_ops, mode):
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 9, 8) for _ in range(3))
+    k = k.transpose(2, 3).contiguous().transpose(2, 3)  # any strides
+    lengths = torch.tensor([[3, 4], [5, 0]])
+    layout = dqfast.C2FLayout((5, 4), lengths, mode)
+    kl, rl = _leaves(q, k, v), _leaves(q, k, v)
+    out, lse = torch.ops.dqfast.c2f_attention_triton(*kl, [5, 4], lengths.to(KERNEL_DEVICE), mode, 0.3)
+    expected = ref_attn.c2f_attention(*rl, layout.to(KERNEL_DEVICE), scale=0.3)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert lse.shape == (2, 2, 9) and lse.dtype == torch.float32
+    go = torch.randn_like(out)
+    for g, e in zip(_grads(out, kl, go), _grads(expected, rl, go)):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_vector_quantize_triton_matches_reference(triton_ops, metric):
+    torch.manual_seed(2)
+    z, codebook = torch.randn(3, 7, 6), torch.randn(11, 6)
+    z[0, 0] = 0.0  # cosine: a zero vector (its gradient goes through the eps clamp)
+    (zk,), (zr,) = _leaves(z), _leaves(z)
+    out = torch.ops.dqfast.vector_quantize_triton(zk, codebook.to(zk.device), metric)
+    expected = ref_vq.vector_quantize(zr, codebook.to(zr.device), metric=metric)
+    torch.testing.assert_close(out[1], expected.indices)
+    torch.testing.assert_close(out[0], expected.quantized, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[2], expected.distance, atol=1e-5, rtol=1e-5)
+    assert out[0].dtype == z.dtype and out[1].dtype == torch.int64 and out[2].dtype == torch.float32
+    go = torch.randn_like(out[0])
+    (g,) = torch.autograd.grad(out[0], zk, go)
+    (e,) = torch.autograd.grad(expected.quantized, zr, go)
+    torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The graphs AOTAutograd traces (CPU, kernels compiled for an sm_90 target, never launched)
+# ----------------------------------------------------------------------------------------------
+
+_TRACE = r"""
+import json, os, sys, torch
+import triton
+from triton.backends.compiler import GPUTarget
+from torch._functorch.aot_autograd import aot_export_joint_simple
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+class Sm90:  # what triton asks the driver for while torch analyses a kernel's stores
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+triton.runtime.driver.set_active(Sm90())
+import dqfast
+from dqfast import library
+from dqfast.kernels import _triton_ops  # compiled kernels: TRITON_INTERPRET is unset at import
+os.environ["TRITON_INTERPRET"] = "1"  # lets the "triton" backend take CPU tensors
+if sys.argv[1] == "widen":
+    library._GRAPH_TRITON_DEVICES = frozenset({"cuda", "cpu"})
+
+def kernel_name(kernel):
+    while hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel.__name__
+
+def trace(fn, args, joint=True):
+    gm = aot_export_joint_simple(fn, args, trace_joint=joint)
+    kernels, mutated, ops = [], [], []
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            kernels.append(kernel_name(kernel_side_table.get_kernel(node.kwargs["kernel_idx"])))
+            mutated.append(sorted(node.kwargs["tensors_to_clone"]))
+        elif node.op == "call_function" and "dqfast" in str(node.target):
+            ops.append(str(node.target))
+    return {"kernels": kernels, "mutated": mutated, "ops": ops}
+
+from torch._library.triton import get_triton_kernels_for_op
+found = {
+    op._name: sorted(kernel_name(k) for k in get_triton_kernels_for_op(op._qualname))
+    for pair in _triton_ops.TRITON_OPS.values() for op in pair if op is not None
+}
+
+torch.manual_seed(0)
+x = torch.randn(2, 16, 6, 5, requires_grad=True)
+w_spc, b_spc = torch.randn(64, 16, 3, 3, requires_grad=True), torch.randn(64, requires_grad=True)
+w_up = torch.randn(8, 16, 3, 3, requires_grad=True)
+z, codebook = torch.randn(2, 5, 16, requires_grad=True), torch.randn(33, 16)
+result = {}
+with dqfast.use_backend("triton"):
+    result["subpixel_conv2d"] = trace(
+        lambda x, w, b: (library.subpixel_conv2d(x, w, b, upscale=2, padding_mode="reflect", activation="gelu").sum(),),
+        [x, w_spc, b_spc],
+    )
+    result["upsample_conv2d"] = trace(lambda x, w: (library.upsample_conv2d(x, w, None).sum(),), [x, w_up])
+    result["vector_quantize"] = trace(
+        lambda z, c: (library.vector_quantize(z, c, metric="cosine").quantized.sum(),), [z, codebook]
+    )
+    lengths = torch.tensor([[3, 4], [5, 0]])
+    q, k, v = (torch.randn(2, 2, 9, 16, requires_grad=True) for _ in range(3))
+    result["c2f_attention"] = trace(
+        lambda q, k, v, n: (library.c2f_attention(q, k, v, dqfast.C2FLayout._unchecked((5, 4), n, "causal")).sum(),),
+        [q, k, v, lengths],
+    )
+print(json.dumps({"found": found, "graphs": result}))
+"""
+
+
+def _trace(mode: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", TORCH_LOGS="-all")
+    out = subprocess.run(
+        [sys.executable, "-c", _TRACE, mode], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def traced_on_gpu_path():
+    if not HAS_TRITON:
+        pytest.skip("needs triton installed")
+    return _trace("widen")
+
+
+def test_torch_finds_the_kernels_of_each_op(traced_on_gpu_path):
+    # (what torch hashes into its compile caches; it reads the wrap_triton calls in the source)
+    found = traced_on_gpu_path["found"]
+    assert set(found) == set(EXPECTED)
+    for name, (_, kernels) in EXPECTED.items():
+        assert set(found[name]) == kernels, name
+
+
+def test_compiled_call_launches_the_forward_and_backward_kernels(traced_on_gpu_path):
+    graphs = traced_on_gpu_path["graphs"]
+    spc = graphs["subpixel_conv2d"]
+    assert spc["ops"] == []  # no opaque custom op left
+    assert spc["kernels"] == [
+        "_subpixel_conv2d_fwd_kernel",
+        "_subpixel_conv2d_bwd_act_kernel",
+        "_subpixel_conv2d_bwd_dx_kernel",
+        "_subpixel_conv2d_bwd_dw_kernel",
+    ]
+    # torch's analysis of the kernels' stores: only the outputs are written
+    assert spc["mutated"] == [["out_ptr"], ["g_ptr"], ["dx_ptr"], ["db_ptr", "dw_ptr"]]
+    up = graphs["upsample_conv2d"]
+    assert up["ops"] == []
+    assert up["kernels"][0] == "_subpixel_conv2d_folded_fwd_kernel"
+    # no activation: the backward reads pixel_unshuffle(grad) and skips the recompute kernel
+    assert up["kernels"][1:] == ["_subpixel_conv2d_bwd_dx_kernel", "_subpixel_conv2d_bwd_dw_kernel"]
+    vq = graphs["vector_quantize"]
+    assert vq["kernels"] == ["_vector_quantize_fwd_kernel"]
+    assert vq["mutated"] == [["distance_ptr", "indices_ptr", "quantized_ptr"]]
+    assert vq["ops"] == ["dqfast.vector_quantize_backward.default"]  # straight-through: no kernel
+    attn = graphs["c2f_attention"]
+    assert attn["ops"] == []
+    # the backward op's signature has no lse: the forward kernel runs again there (unless the
+    # compiler dedupes the two identical launches)
+    assert attn["kernels"][0] == "_c2f_attention_fwd_kernel"
+    assert attn["kernels"][-3:] == [
+        "_c2f_attention_bwd_preprocess_kernel",
+        "_c2f_attention_bwd_dq_kernel",
+        "_c2f_attention_bwd_dkdv_kernel",
+    ]
+
+
+def test_cpu_calls_stay_one_opaque_node():
+    if not HAS_TRITON:
+        pytest.skip("needs triton installed")
+    graphs = _trace("cpu")["graphs"]
+    for op, graph in graphs.items():
+        assert graph["kernels"] == [], op
+        assert f"dqfast.{op}.default" in graph["ops"], graph
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: torch.compile(fullgraph=True) with inductor
+# ----------------------------------------------------------------------------------------------
+
+
+class _Decoder(nn.Module):
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.spc = nn.Parameter(torch.randn(c * 4, c, 3, 3) * 0.1)
+        self.spc_bias = nn.Parameter(torch.randn(c * 4) * 0.1)
+        self.up = nn.Parameter(torch.randn(c, c, 3, 3) * 0.1)
+        self.codebook = nn.Parameter(torch.randn(64, c))
+
+    def forward(self, x):
+        h = dqfast.subpixel_conv2d(x, self.spc, self.spc_bias, upscale=2, activation="gelu")
+        h = dqfast.upsample_conv2d(h, self.up, None, padding_mode="replicate")
+        vq = dqfast.vector_quantize(h.permute(0, 2, 3, 1), self.codebook)
+        return vq.quantized, vq.indices
+
+
+@needs_gpu
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_inductor_compiles_the_triton_kernels():
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(12)
+    model = _Decoder().cuda()
+    x = torch.randn(2, 16, 8, 8, device="cuda", requires_grad=True)
+    torch._dynamo.reset()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), dqfast.use_backend("triton"):
+        eager_q, eager_i = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend="inductor")
+        (q, i), codes = run_and_get_code(compiled, x)
+        torch.testing.assert_close(q, eager_q, atol=1e-4, rtol=1e-4)
+        assert torch.equal(i, eager_i)
+        go = torch.randn_like(q)
+        params = [x, model.spc, model.spc_bias, model.up]
+        eager_grads = torch.autograd.grad(eager_q, params, go)
+        grads = torch.autograd.grad(q, params, go)
+        for g, e in zip(grads, eager_grads):
+            torch.testing.assert_close(g, e, atol=1e-3, rtol=1e-3)
+    code = "\n".join(codes)
+    for kernel in ("_subpixel_conv2d_fwd_kernel", "_subpixel_conv2d_folded_fwd_kernel", "_vector_quantize_fwd_kernel"):
+        assert kernel in code, kernel
+    # the kernels are in the graph, not behind the opaque custom ops
+    assert "torch.ops.dqfast.subpixel_conv2d.default" not in code
+    assert "torch.ops.dqfast.vector_quantize.default" not in code
+
+
+@needs_gpu
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_inductor_compiles_the_attention_kernels():
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(13)
+    q, k, v = (torch.randn(2, 4, 40, 64, device="cuda", requires_grad=True) for _ in range(3))
+    lengths = torch.tensor([[8, 20], [5, 0]], device="cuda")
+
+    def attend(q, k, v, lengths):
+        return dqfast.c2f_attention(q, k, v, dqfast.C2FLayout((10, 30), lengths, "causal"))
+
+    torch._dynamo.reset()
+    with dqfast.use_backend("triton"):
+        expected = attend(q, k, v, lengths)
+        out, codes = run_and_get_code(torch.compile(attend, fullgraph=True, backend="inductor"), q, k, v, lengths)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        go = torch.randn_like(out)
+        for g, e in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(expected, (q, k, v), go)):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    code = "\n".join(codes)
+    assert "_c2f_attention_fwd_kernel" in code
+    assert "torch.ops.dqfast.c2f_attention.default" not in code
