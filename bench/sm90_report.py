@@ -26,7 +26,9 @@ Usage::
 Works with triton 3.6 and 3.9 (the two differ a little in their compiler API and ptxas). Compiles
 are cached in ``$DQFAST_SM90_CACHE`` (default ``~/.cache/dqfast-sm90/<triton version>``).
 The functions :func:`check_row` and :func:`failures` hold the acceptance criteria; the tests use
-them on this report's rows and on deliberately bad toy kernels.
+them on this report's rows and on deliberately bad toy kernels. The markdown opens with one
+:func:`summary` line per criterion, and its header names the scope (full sweep or ``--subset
+test``), the triton version and the date.
 """
 
 from __future__ import annotations
@@ -696,6 +698,72 @@ def _fmt_dots(dots) -> str:
     return " ".join(f"{m}x{n}{'w' if wg else ''}" for m, n, wg in tiles)
 
 
+def _names(rows: list[dict], limit: int = 6) -> str:
+    items = [f"{r['kernel']} [{r['config']}] {r['dtype']}" for r in rows]
+    more = f", and {len(items) - limit} more" if len(items) > limit else ""
+    return ("; ".join(items[:limit]) + more) if items else ""
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """One line per criterion, over the configs autotune tries (pruned configs are counted apart)."""
+    tried = [r for r in rows if not r.get("pruned")]
+    ok = [r for r in tried if not r.get("error")]
+    pruned = len(rows) - len(tried)
+
+    def bad(crit: str, among: list[dict]) -> list[dict]:
+        return [r for r in among if check_row(r)[crit]]
+
+    def spill(r: dict) -> int:
+        return (r.get("spill_store") or 0) + (r.get("spill_load") or 0)
+
+    def listed(found: list[dict]) -> str:
+        return f": {_names(found)}" if found else ""
+
+    errors = [r for r in tried if r.get("error")]
+    lines = [f"- Compiles: {len(ok)} of {len(tried)} configs autotune tries{listed(errors)} ({pruned} more it prunes)."]
+    dropped = [r for r in rows if r.get("pruned") and not r.get("error")]
+    over = bad("smem", ok)
+    lines.append(
+        f"- Configs over 227 KiB of shared memory: {len(over)}{listed(over)} "
+        f"(among the pruned: {len(bad('smem', dropped))})."
+    )
+    b16 = [r for r in ok if is_16bit(r)]
+    spills16 = bad("spills", b16)
+    spills16_pruned = bad("spills", [r for r in dropped if is_16bit(r)])
+    fp32 = [r for r in ok if r.get("dtype") == "fp32"]
+    spills32 = [r for r in fp32 if spill(r)]
+    worst32 = max((spill(r) for r in spills32), default=0)
+    lines.append(
+        f"- 16-bit configs that spill: {len(spills16)} of {len(b16)}{listed(spills16)} "
+        f"(among the pruned: {len(spills16_pruned)}{listed(spills16_pruned)}; "
+        f"fp32, not a criterion: {len(spills32)} of {len(fp32)} spill, at most {worst32} B)."
+    )
+    big = [r for r in ok if r["num_warps"] >= 4 and any(m >= 64 for m, _, _ in r["dots"])]
+    no_wg = bad("wgmma", big)
+    lines.append(
+        f"- wgmma: {len(big) - len(no_wg)} of {len(big)} configs with a tl.dot tile of M >= 64 at 4+ warps "
+        f"issue wgmma for every such tile{listed(no_wg)}."
+    )
+    gemm = [r for r in ok if needs_pipelined_operands(r)]
+    sync = bad("pipelined", gemm)
+    lines.append(
+        f"- Sub-pixel conv GEMM operands through cp.async or TMA, no synchronous tile load in the loop: "
+        f"{len(gemm) - len(sync)} of {len(gemm)} configs{listed(sync)}."
+    )
+    grid = [r for r in ok if needs_full_grid(r)]
+    by_kernel: dict[str, int] = {}
+    for r in grid:
+        by_kernel[r["kernel"]] = min(by_kernel.get(r["kernel"], r["programs"]), r["programs"])
+    few = bad("programs", grid)
+    fewest = ", ".join(f"{k} {v}" for k, v in sorted(by_kernel.items()))
+    lines.append(
+        f"- Busy programs at the DQ-VAE shape (dynamic quantize, code statistics; {SMS} SMs): fewest per kernel: "
+        f"{fewest or '-'}; {len(few)} configs under {SMS}{listed(few)}."
+    )
+    lines.append(f"- Unmet criteria: {len(failures(rows))}.")
+    return lines
+
+
 def markdown(rows: list[dict], header: str = "") -> str:
     import triton
 
@@ -709,6 +777,12 @@ def markdown(rows: list[dict], header: str = "") -> str:
         "dots (tl.dot tiles M x N; `w` = wgmma) / wgmma, mma.sync, cp.async, TMA (PTX instruction counts) / "
         "sync ld (synchronous 2-D tile loads inside a loop) / programs launched (waves of 132 SMs). "
         "`pruned`: dropped by the autotuner's own pruning. Status lists the unmet criteria.",
+        "",
+        "## Summary",
+        "",
+        *summary(rows),
+        "",
+        "## Every compile",
         "",
         "| scenario | kernel | config | regs | spill | smem | dots | wgmma | mma.sync | cp.async | TMA | sync ld "
         "| programs | status |",
@@ -763,8 +837,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = compile_all(launches, jobs=a.jobs, verbose=not a.quiet)
     elapsed = time.perf_counter() - t0
     source = f"Kernels from `{Path(a.root).name}`." if a.root else ""
-    subset = "Scenarios: `--subset test` (every op in bf16; dynamic quantize and code statistics in fp32 too)."
-    text = markdown(rows, " ".join(x for x in (source, subset if a.subset == "test" else "", a.note) if x))
+    if a.subset == "test":
+        scope = "Scenarios: `--subset test` (every op in bf16; dynamic quantize and code statistics in fp32 too)"
+    else:
+        scope = "Scenarios: full sweep (every op in bf16 and fp32, every autotune config)"
+    if a.kernel or a.dtype:
+        scope += ", restricted to " + " and ".join(
+            x for x in (a.kernel and f"`--kernel {a.kernel}`", a.dtype and f"`--dtype {a.dtype}`") if x
+        )
+    scope += f"; {time.strftime('%Y-%m-%d', time.gmtime())}."
+    text = markdown(rows, " ".join(x for x in (source, scope, a.note) if x))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text)

@@ -97,8 +97,10 @@ def _configs(space: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 # Dh 64 VAR): no 16-bit config spills or needs more than 227 KiB of shared memory. A 128-row tile
 # takes 8 warps (with 4, the forward (128, 64) spilled 392 B and dq (128, 32) 376 B); dk/dv keep
 # four BLOCK_N x Dh tiles (k, v, dk, dv) live, so 64- and 128-key tiles take 8 warps (with 4,
-# (32, 128) spilled 2 KB and (64, 64) 244 B; (64, 64) still spilled 140 B with 8, and (32, 32)
-# 12 B at Dh 64).
+# (32, 128) spilled 2 KB and (64, 64) 244 B; (64, 64) still spilled 140 B with 8). Triton 3.6
+# and 3.9 ship different ptxas versions, and both are checked (make sm90-report): near 128 or 168
+# registers either one may trade a few bytes of spill for occupancy, so a config clean under one
+# can spill under the other.
 #
 # fp32 inputs go through tensor cores as tf32x3 (three tf32 products: about fp32 accuracy, as
 # the vector quantizer does). Each operand is split in two, so fp32 tiles need about twice the
@@ -110,9 +112,15 @@ _FWD_16 = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (
 _FWD_32 = [(32, 32, 4, 2)]
 # dq: like the forward ((32, 64, 4, 3) spilled 36 B at Dh 128).
 _BWD_DQ_16 = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)]
-_BWD_DQ_32 = [(32, 32, 8, 2)]
+# fp32: (32, 32, 8, 2) spills 92 B at Dh 128 under triton 3.9 (none under 3.6); (16, 32, 4, 2)
+# spills under neither (254 registers at Dh 128), so autotune always has a clean fp32 tile.
+_BWD_DQ_32 = [(32, 32, 8, 2), (16, 32, 4, 2)]
 # dk, dv: the program owns a key tile (BLOCK_N) and walks query tiles (BLOCK_M).
-_BWD_DKDV_16 = [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3), (16, 64, 4, 2), (16, 32, 4, 2)]
+# The smallest 16-bit tile is (32, 32, 4, 2), on the same 32-key grid as the (16, 32, 4, 2) it
+# replaces: that one spilled 12 B at Dh 64 under triton 3.6 (128 registers), and (16, 32, 4, 3)
+# 12 B at Dh 64 and 92 B at Dh 128 under 3.9. (32, 32, 4, 2) compiles without spills under both
+# (135-223 registers; an earlier version of this kernel spilled 12 B there at Dh 64).
+_BWD_DKDV_16 = [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3), (16, 64, 4, 2), (32, 32, 4, 2)]
 _BWD_DKDV_32 = [(16, 16, 4, 2)]
 
 _FWD_CONFIGS = _configs(_FWD_16 + _FWD_32)
@@ -386,6 +394,10 @@ def _c2f_attention_fwd_kernel(
         mask=row_valid[:, None] & d_mask[None, :],
         other=0.0,
     )
+    # Every real row has q_end >= 1; pad rows get 0 (they allow no key), so after the key loop
+    # row_valid is q_end > 0 and no separate row mask stays live across it (under triton 3.6 the
+    # mask kept through the loop was spilled at BLOCK_M = BLOCK_N = 128, Dh 128).
+    q_end = tl.where(row_valid, q_end, 0)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -403,6 +415,7 @@ def _c2f_attention_fwd_kernel(
             )  # fmt: skip
 
     # Pad rows may have l_i = 0 (or garbage from FULL tiles): they write exact zeros.
+    row_valid = q_end > 0
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = tl.where(row_valid[:, None], acc / l_safe[:, None], 0.0)
     tl.store(
