@@ -230,7 +230,7 @@ import dqfast
 from dqfast import library
 from dqfast.kernels import _triton_ops  # compiled kernels: TRITON_INTERPRET is unset at import
 os.environ["TRITON_INTERPRET"] = "1"  # lets the "triton" backend take CPU tensors
-if sys.argv[1] == "widen":
+if sys.argv[1] in ("widen", "dynamic"):
     library._GRAPH_TRITON_DEVICES = frozenset({"cuda", "cpu"})
 
 def kernel_name(kernel):
@@ -280,11 +280,68 @@ print(json.dumps({"found": found, "graphs": result}))
 """
 
 
+# torch.compile(dynamic=True, fullgraph=True) of each op: Dynamo, then AOTAutograd with symbolic
+# sizes reaching the launchers (the compiled graph is captured, never run).
+_TRACE_DYNAMIC = (
+    _TRACE[: _TRACE.index("def trace(")]
+    + r"""
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+
+class Captured(Exception):
+    pass
+
+def compile_and_capture(fn, args):
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            raise Captured
+
+        return make_boxed_func(run)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=capture), dynamic=True, fullgraph=True)
+    try:
+        compiled(*args)
+    except Captured:
+        pass
+    gm = graphs[0]  # the forward graph (compiled first)
+    return [
+        kernel_name(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]))
+        for node in gm.graph.nodes
+        if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional
+    ]
+
+torch.manual_seed(0)
+x = torch.randn(2, 16, 6, 5, requires_grad=True)
+w = torch.randn(64, 16, 3, 3, requires_grad=True)
+z, codebook = torch.randn(2, 7, 16, requires_grad=True), torch.randn(33, 16)
+q, k, v = (torch.randn(2, 2, 11, 16, requires_grad=True) for _ in range(3))
+lengths = torch.tensor([[3, 4], [5, 0]])
+result = {}
+with dqfast.use_backend("triton"):
+    result["subpixel_conv2d"] = compile_and_capture(
+        lambda x, w: dqfast.subpixel_conv2d(x, w, upscale=2, activation="silu"), (x, w)
+    )
+    result["upsample_conv2d"] = compile_and_capture(lambda x, w: dqfast.upsample_conv2d(x, w[:8]), (x, w))
+    result["vector_quantize"] = compile_and_capture(lambda z, c: dqfast.vector_quantize(z, c).quantized, (z, codebook))
+    result["c2f_attention"] = compile_and_capture(
+        lambda q, k, v, n: dqfast.c2f_attention(q, k, v, dqfast.C2FLayout((5, 6), n, "block")), (q, k, v, lengths)
+    )
+print(json.dumps(result))
+"""
+)
+
+
 def _trace(mode: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1", TORCH_LOGS="-all")
+    script = _TRACE_DYNAMIC if mode == "dynamic" else _TRACE
     out = subprocess.run(
-        [sys.executable, "-c", _TRACE, mode], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+        [sys.executable, "-c", script, mode], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
     )
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -336,6 +393,18 @@ def test_compiled_call_launches_the_forward_and_backward_kernels(traced_on_gpu_p
         "_c2f_attention_bwd_dq_kernel",
         "_c2f_attention_bwd_dkdv_kernel",
     ]
+
+
+def test_compile_with_dynamic_shapes_traces_the_kernels():
+    if not HAS_TRITON:
+        pytest.skip("needs triton installed")
+    forward = _trace("dynamic")
+    assert forward == {
+        "subpixel_conv2d": ["_subpixel_conv2d_fwd_kernel"],
+        "upsample_conv2d": ["_subpixel_conv2d_folded_fwd_kernel"],
+        "vector_quantize": ["_vector_quantize_fwd_kernel"],
+        "c2f_attention": ["_c2f_attention_fwd_kernel"],
+    }
 
 
 def test_cpu_calls_stay_one_opaque_node():
