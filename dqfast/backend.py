@@ -87,9 +87,27 @@ class Route(NamedTuple):
     path: str
     reasons: dict[str, list[str]]
 
+    # How the fast path computes this call when it has size-dependent variants (e.g. "dense: one
+    # SDPA call with the layout's cached additive mask (L = 41 <= DENSE_MAX_LEN = 128) ..."); ""
+    # otherwise. Not a tuple field: :func:`describe` attaches it to a fast route, computed when read.
+    detail = ""
+
     def __str__(self) -> str:
         passed = "; ".join(f"not {p}: " + ", ".join(r) for p, r in self.reasons.items())
-        return self.path + (f" ({passed})" if passed else "")
+        text = self.path + (f" ({passed})" if passed else "")
+        return text + (f"; as {self.detail}" if self.detail else "")
+
+
+class _DetailedRoute(Route):
+    """A :class:`Route` whose ``detail`` is asked of the fast path when first read (never while a
+    call is dispatched or traced); a plain subclass has an instance ``__dict__`` to keep it in."""
+
+    @property
+    def detail(self) -> str:
+        if "_detail" not in self.__dict__:
+            ask = self.__dict__.pop("_ask")
+            self.__dict__["_detail"] = ask()
+        return self.__dict__["_detail"]
 
 
 def _check_name(name: str) -> str:
@@ -271,10 +289,21 @@ def describe(op: str, *args, **kwargs) -> Route:
     """The path that serves ``dqfast.<op>(*args, **kwargs)`` under the current backend, and why.
 
     Returns a :class:`Route`, e.g. ``Route("fast", {"triton": ["tensors are on ['cpu']; ..."]})``;
-    ``str(route)`` reads ``fast (not triton: tensors are on ['cpu']; ...)``. Under an explicit
-    ``triton`` or ``fast`` backend that cannot serve the call it raises
-    :class:`BackendUnavailable`, as the op itself would.
+    ``str(route)`` reads ``fast (not triton: tensors are on ['cpu']; ...)``. When the fast path
+    serves the call with a size-dependent variant, ``route.detail`` names it and ``str(route)``
+    ends with ``; as <detail>``. Under an explicit ``triton`` or ``fast`` backend that cannot
+    serve the call it raises :class:`BackendUnavailable`, as the op itself would.
     """
+    route = _route(op, *args, **kwargs)
+    detail = getattr(_fast_module(), "detail", None) if route.path == "fast" else None
+    if callable(detail):
+        route = _DetailedRoute(*route)
+        route.__dict__["_ask"] = lambda: detail(op, *args, **kwargs)
+    return route
+
+
+def _route(op: str, *args, **kwargs) -> Route:
+    """:func:`describe` without the fast path's detail (what every op call asks)."""
     _check_op(op)
     backend = get_backend()
     if backend == "reference":
@@ -297,7 +326,7 @@ def describe(op: str, *args, **kwargs) -> Route:
 
 def resolve(op: str, reference_fn: Callable, *args, **kwargs) -> Callable:
     """The implementation of ``op`` for this call under the current backend."""
-    path = describe(op, *args, **kwargs).path
+    path = _route(op, *args, **kwargs).path
     if path == "triton":
         return getattr(_kernel_module(op)[0], op)
     if path == "fast":

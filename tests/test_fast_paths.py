@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import math
 import subprocess
 import sys
 
@@ -103,9 +104,16 @@ def qkv(B, Hh, L, Dh, dtype=torch.float32):
     return tuple(randn(B, Hh, L, Dh, dtype=dtype, requires_grad=True) for _ in range(3))
 
 
+# The dense path (cached additive mask, L <= DENSE_MAX_LEN) and the packed path, both with and
+# without autograd: every layout here is short, so DENSE_MAX_LEN = 0 forces the packed path.
+BOTH_PATHS = pytest.mark.parametrize("dense_max_len", [0, 10_000], ids=["packed", "dense"])
+
+
+@BOTH_PATHS
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("scale", [None, 0.3])
-def test_attention_fp32_against_float64_reference(name, scale):
+def test_attention_fp32_against_float64_reference(name, scale, dense_max_len, monkeypatch):
+    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", dense_max_len)
     seed(1)
     layout = make_layout(name)
     q, k, v = qkv(layout.batch_size, 3, layout.seq_len, 5)
@@ -143,8 +151,10 @@ def test_attention_inference_paths(name, dense_max_len, monkeypatch):
                 torch.testing.assert_close(out.double(), exact, **FP32_TOL)
 
 
+@BOTH_PATHS
 @pytest.mark.parametrize("name", ["causal_empty", "block_var"])
-def test_attention_noncontiguous_inputs(name):
+def test_attention_noncontiguous_inputs(name, dense_max_len, monkeypatch):
+    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", dense_max_len)
     seed(2)
     layout = make_layout(name)
     q, k, v = qkv(layout.batch_size, 2, layout.seq_len, 6)
@@ -178,9 +188,11 @@ def test_attention_half_three_way(name, dtype):
         assert_three_way(got, s, e, f"d{name_}")
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@BOTH_PATHS
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("name", ["causal_empty", "block_var"])
-def test_attention_non_finite_pads_never_leak(name, bad):
+def test_attention_non_finite_pads_never_leak(name, bad, dense_max_len, monkeypatch):
+    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", dense_max_len)
     seed(4)
     layout = make_layout(name)
     q, k, v = qkv(layout.batch_size, 2, layout.seq_len, 4)
@@ -200,8 +212,35 @@ def test_attention_non_finite_pads_never_leak(name, bad):
         torch.testing.assert_close(got, want, **FP32_TOL)
 
 
+@pytest.mark.parametrize("name", ["causal_dq", "block_var"])
+def test_attention_infinite_pad_key_with_finite_output_never_leaks(name):
+    """The dense path's blind spot: a pad key of -inf whose scores are -inf for every query that
+    sees it leaves the forward finite, yet dQ = dS @ K would be 0 * inf = NaN; the key check sends
+    the call to the packed path."""
+    seed(36)
+    layout = make_layout(name)
+    q, k, v = qkv(layout.batch_size, 2, layout.seq_len, 4)
+    pads = (~layout.key_valid())[:, None, :, None].expand_as(q)
+    first = torch.zeros_like(pads)
+    first[..., 0] = True
+    # Every query positive in dimension 0 and the pad keys -inf there only: every score against a
+    # pad key is -inf (none NaN), so nothing non-finite reaches the forward output.
+    q_pos = torch.where(first, q.detach().abs() + 0.1, q.detach())
+    q_dirty = q_pos.clone().requires_grad_()
+    k_dirty = torch.where(pads & first, -math.inf, k.detach()).requires_grad_()
+    clean = [torch.where(pads, 0.0, t).requires_grad_() for t in (q_pos, k.detach())]
+    out = fast_attn.c2f_attention(q_dirty, k_dirty, v, layout)
+    want = ref_attn.c2f_attention(clean[0], clean[1], v, layout)
+    torch.testing.assert_close(out, want, **FP32_TOL)
+    g = randn(*q.shape)
+    for got, w in zip(grads(out, (q_dirty, k_dirty, v), g), grads(want, (*clean, v), g)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, w, **FP32_TOL)
+
+
 def test_attention_tables_built_once_per_layout(monkeypatch):
     seed(5)
+    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", 0)  # the packed path, whose tables are counted
     layout = make_layout("causal_dq")
     built = []
     build = fast_attn._build_packing
@@ -221,11 +260,13 @@ def test_attention_tables_built_once_per_layout(monkeypatch):
     torch.testing.assert_close(out, ref_attn.c2f_attention(q, k, v, other), **FP32_TOL)
 
 
-def test_attention_tables_built_in_inference_mode_serve_autograd(monkeypatch):
+@BOTH_PATHS
+def test_attention_tables_built_in_inference_mode_serve_autograd(dense_max_len, monkeypatch):
     seed(35)
     layout = make_layout("block_var")
     q, k, v = qkv(2, 2, layout.seq_len, 4)
-    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", 0)  # the packing is built here, in inference mode
+    # The packing (or the dense mask) is built here, in inference mode.
+    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", dense_max_len)
     with torch.inference_mode():
         fast_attn.c2f_attention(q.detach(), k.detach(), v.detach(), layout)
     g = randn(*q.shape)
@@ -584,6 +625,53 @@ def test_dynamic_quantize_with_budget(budget):
     assert (out.n_codes == H * W + 3 * int(budget * H * W + 0.5)).all()
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("G", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dynamic_quantize_compact_path_without_autograd(metric, G, dtype, monkeypatch):
+    """Without autograd, small maps take the compact path (every cell of every grain searched in
+    one matrix); it must give the reference's result and the general path's, non-finite vectors
+    and a NaN codebook row included."""
+    seed(37)
+    B, D, H, W, K = 3, 5, 3, 2, 13
+    features = [f.detach() for f in features_for(B, D, H, W, G, dtype)]
+    codebook = randn(K, D, dtype=dtype)
+    codebook[4] = float("nan")  # never chosen
+    grain = torch.randint(0, G, (B, H, W))
+    grain[0] = 0  # an image with no finer region
+    grain[1] = G - 1  # an image with no coarser region
+    exact = ref_vq.dynamic_quantize([f.double() for f in features], codebook.double(), grain=grain, metric=metric)
+    built, limit = [], fast_vq.COMPACT_MAX_WORK
+    compact = fast_vq._dynamic_quantize_compact
+    monkeypatch.setattr(fast_vq, "_dynamic_quantize_compact", lambda *a: built.append(1) or compact(*a))
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            out = fast_vq.dynamic_quantize(features, codebook, grain=grain, metric=metric, beta=0.3)
+            monkeypatch.setattr(fast_vq, "COMPACT_MAX_WORK", 0)
+            general = fast_vq.dynamic_quantize(features, codebook, grain=grain, metric=metric, beta=0.3)
+            monkeypatch.setattr(fast_vq, "COMPACT_MAX_WORK", limit)
+        assert built and built.pop() and not built  # the compact path served the first call only
+        assert out.quantized.dtype == dtype and out.loss.dtype == dtype
+        assert not (out.indices == 4).any()
+        for got in (out, general):
+            assert torch.equal(got.grain, grain) and torch.equal(got.n_codes, exact.n_codes)
+            assert torch.equal(got.indices, exact.indices)
+            torch.testing.assert_close(got.quantized.double(), exact.quantized, **FP32_TOL)
+        exact_loss = ref_vq.dynamic_quantize(
+            [f.double() for f in features], codebook.double(), grain=grain, metric=metric, beta=0.3
+        ).loss
+        torch.testing.assert_close(out.loss.double(), exact_loss, **FP32_TOL)
+        torch.testing.assert_close(out.loss, general.loss, **FP32_TOL)
+    # A non-finite vector: the compact path declines and the general path answers.
+    features[1][0, :, 0, 0] = float("inf")
+    with torch.no_grad():
+        out = fast_vq.dynamic_quantize(features, codebook, grain=grain, metric=metric)
+        monkeypatch.setattr(fast_vq, "COMPACT_MAX_WORK", 0)
+        general = fast_vq.dynamic_quantize(features, codebook, grain=grain, metric=metric)
+    assert torch.equal(out.indices, general.indices)
+    assert torch.equal(out.quantized.isnan(), general.quantized.isnan())
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_dynamic_quantize_half(dtype):
     seed(22)
@@ -796,3 +884,26 @@ def test_folded_weights_inference_mode():
         out_inf = fast_spc.upsample_conv2d(x, w_inf, b)
     assert torch.equal(out, out_inf)
     assert max_err(out, ref_spc.upsample_conv2d(x, w, b)) < 1e-5
+
+
+def test_describe_names_the_size_dependent_method():
+    import dqfast
+
+    layout = make_layout("causal_dq")
+    q, k, v = qkv(layout.batch_size, 2, layout.seq_len, 4)
+    with dqfast.use_backend("auto"):
+        route = dqfast.describe("c2f_attention", q, k, v, layout)
+        assert route.path == "fast" and route.detail.startswith("dense:")
+        assert str(route).endswith("; as " + route.detail) and route == ("fast", route.reasons)
+        long_layout = C2FLayout((200,), torch.tensor([[150]]))
+        ql = randn(1, 1, 200, 4)
+        assert dqfast.describe("c2f_attention", ql, ql, ql, long_layout).detail.startswith("packed:")
+        valid = torch.tensor([[True, True, False, False], [True, False, True, False]])
+        cache = randn(2, 1, 4, 3)
+        detail = dqfast.describe("c2f_decode_attention", randn(2, 1, 1, 3), cache, cache, valid).detail
+        assert "first 3 of 4" in detail
+        features, codebook = [randn(1, 3, 2, 2), randn(1, 3, 4, 4)], randn(5, 3)
+        grain = torch.zeros(1, 2, 2, dtype=torch.int64)
+        with torch.no_grad():
+            assert dqfast.describe("dynamic_quantize", features, codebook, grain=grain).detail.startswith("compact:")
+        assert dqfast.describe("vector_quantize", randn(4, 3), codebook).detail == ""

@@ -7,6 +7,8 @@ tests/test_fast_paths.py the way a kernel is. Pure torch: imports neither triton
 
 - ``get(op)``: the fast implementation of ``op``, or None when it has none.
 - ``reasons(op, *args, **kwargs)``: why the fast path cannot serve this call (empty: it can).
+- ``detail(op, *args, **kwargs)``: which of its size-dependent methods serves the call ("" when
+  the op has one method); ``dqfast.describe`` reports it.
 
 One module per op family: :mod:`.subpixel_conv` (conv + pixel_shuffle; the 2x2-tap phases of the
 resize-conv with cached folded weights), :mod:`.vector_quantize` (chunked addmm + argmin search,
@@ -20,7 +22,7 @@ from collections.abc import Callable
 
 from dqfast.fast import c2f_attention, subpixel_conv, vector_quantize
 
-__all__ = ["get", "reasons", "OPS"]
+__all__ = ["get", "reasons", "detail", "OPS"]
 
 _MODULES = {
     "subpixel_conv2d": subpixel_conv,
@@ -47,3 +49,11 @@ def reasons(op: str, *args, **kwargs) -> list[str]:
     if module is None:
         return [f"no fast path for {op!r}; fast paths exist for {list(OPS)}"]
     return list(getattr(module, f"{op}_reasons")(*args, **kwargs))
+
+
+def detail(op: str, *args, **kwargs) -> str:
+    """How the fast path computes this call, for ops whose method depends on the sizes (e.g. the
+    dense or the packed attention); "" for ops with a single method. Shown by ``dqfast.describe``."""
+    module = _MODULES.get(op)
+    fn = None if module is None else getattr(module, f"{op}_detail", None)
+    return fn(*args, **kwargs) if fn is not None else ""

@@ -15,16 +15,17 @@ gradient from turning into NaN in SDPA's backward); a sample with no real token 
 slots zeroed with ``torch.where``. So NaN/inf in a pad query, key or value reaches neither an
 output nor a gradient.
 
-Short sequences without autograd (L <= ``DENSE_MAX_LEN``, inference of small models) skip the
-packing, whose gathers cost more than they save there: one SDPA call with the layout's additive
-mask (pad query rows open, their outputs zeroed after), sent to the packed path only when its
-output is not finite (a non-finite pad reached it).
+Short sequences (L <= ``DENSE_MAX_LEN``) skip the packing, whose gathers cost more than they save
+there: one SDPA call with the layout's cached additive mask (pad query rows open, their outputs
+zeroed after), sent to the packed path only when a non-finite pad could reach an output or a
+gradient (without autograd: the output is not finite; with autograd: the raw output or the keys
+are not finite).
 
 The packing indices and masks depend only on the layout, so they are computed once per layout
 object (and device) and cached for as long as the layout lives: the layers of a model share them.
 
-Decoding (``c2f_decode_attention``): SDPA on the cache with the (B, 1, 1, Lk) validity mask (no
-mask at all when every cached position is valid). A masked key contributes
+Decoding (``c2f_decode_attention``): SDPA on the cache with the (B, 1, 1, Lk) validity mask, the
+cache first cut (a view) after the last position that some sample may attend to. A masked key contributes
 ``exp(-inf) * v = 0 * v``, which is NaN when v is not finite; the invalid cached positions are
 zeroed in a copy of the cache only when one of them is not finite (see the function).
 """
@@ -129,8 +130,11 @@ def _zeros_from(x: torch.Tensor) -> torch.Tensor:
 DENSE_MAX_LEN = 128
 
 
-def _dense_mask(layout: C2FLayout, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(additive mask (B, 1, L, L), query_valid (B, 1, L, 1) 1/0), both in ``dtype``, cached per layout.
+def _dense_mask(
+    layout: C2FLayout, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(additive mask (B, 1, L, L), query_valid (B, 1, L, 1) 1/0, both in ``dtype``; query_pad
+    (B, 1, L, 1) bool, its complement), cached per layout.
 
     The mask is 0 where query i may attend to key j, -inf elsewhere; rows of pad queries are all 0
     (their outputs are zeroed afterwards), so SDPA never meets a fully masked row.
@@ -139,17 +143,19 @@ def _dense_mask(layout: C2FLayout, device: torch.device, dtype: torch.dtype) -> 
     key = ("dense", device, dtype, layout.lengths._version)
     if per_layout is not None and key in per_layout:
         return per_layout[key]
-    valid = _key_valid(layout, layout.lengths.to(device))
-    L = valid.shape[1]
-    if layout.mode == "causal":
-        positions = torch.arange(L, device=device)
-        order = positions[None, :] <= positions[:, None]
-    else:
-        seg = layout.segment_ids(device)
-        order = seg[None, :] <= seg[:, None]
-    allowed = (valid[:, None, :] & order) | ~valid[:, :, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)
-    entry = (mask[:, None], valid[:, None, :, None].to(dtype))
+    # Normal tensors even when built in inference mode: an autograd-recorded SDPA saves the mask.
+    with torch.inference_mode(False):
+        valid = _key_valid(layout, layout.lengths.to(device))
+        L = valid.shape[1]
+        if layout.mode == "causal":
+            positions = torch.arange(L, device=device)
+            order = positions[None, :] <= positions[:, None]
+        else:
+            seg = layout.segment_ids(device)
+            order = seg[None, :] <= seg[:, None]
+        allowed = (valid[:, None, :] & order) | ~valid[:, :, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)
+        entry = (mask[:, None], valid[:, None, :, None].to(dtype), ~valid[:, None, :, None])
     if per_layout is None:
         per_layout = _PACKINGS[layout] = {}
     per_layout[key] = entry
@@ -178,14 +184,25 @@ def c2f_attention(
     if q.numel() == 0:
         return q * 0
     recording = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if L <= DENSE_MAX_LEN and not recording and q.dtype in (torch.float32, torch.float64):
-        # A non-finite pad key or value reaches real rows and a non-finite pad query its own row
-        # (0 * NaN is NaN): either way the output is not finite, and the call goes to the packed
-        # path, which never reads a pad.
-        mask, query_valid = _dense_mask(layout, q.device, q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).mul_(query_valid)
-        if math.isfinite(out.sum().item()):
-            return out
+    if L <= DENSE_MAX_LEN and q.dtype in (torch.float32, torch.float64):
+        mask, query_valid, query_pad = _dense_mask(layout, q.device, q.dtype)
+        if not recording:
+            # A non-finite pad key or value reaches real rows and a non-finite pad query its own
+            # row (0 * NaN is NaN): either way the output is not finite, and the call goes to the
+            # packed path, which never reads a pad.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).mul_(query_valid)
+            if math.isfinite(out.sum().item()):
+                return out
+        else:
+            # With autograd, the dense path is exact in values and gradients when every pad is
+            # finite: a masked pair has weight exactly 0 and gets a zero gradient. The raw output
+            # (pad rows open, so a NaN/inf pad query, or a non-finite pad value, shows there) and
+            # the keys (an infinite masked key would turn dQ = dS @ K into 0 * inf) are checked;
+            # masked_fill (not a product) zeroes the pad rows, so a non-finite output gradient
+            # of a pad row is dropped in the backward too. Otherwise the packed path runs.
+            raw = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            if math.isfinite((raw.detach().sum() + k.detach().sum()).item()):
+                return raw.masked_fill(query_pad, 0)
     packing = _packing(layout, q.device)
     qp, kp, vp = (_pack(t, packing) for t in (q, k, v))
     if q.dtype not in (torch.float32, torch.float64):
@@ -213,7 +230,12 @@ def c2f_decode_attention(
     no valid key returns 0.
     """
     B, Hh, Lq, Dh = q.shape
-    Lk = k_cache.shape[2]
+    Lk = _keys_in_use(key_valid)
+    if Lk < k_cache.shape[2]:
+        # Trailing positions that no sample may attend to (the unfilled tail of a preallocated
+        # cache, the pads at the end of the last segment) are cut off: views, and exact, since a
+        # masked key contributes nothing; SDPA's work is proportional to the keys it reads.
+        k_cache, v_cache, key_valid = k_cache[:, :, :Lk], v_cache[:, :, :Lk], key_valid[:, :Lk]
     if q.numel() == 0 or Lk == 0:
         return _zeros_from(q)
     qc, kc, vc = q, k_cache, v_cache
@@ -242,6 +264,14 @@ def c2f_decode_attention(
     return torch.where(any_valid[:, None, None, None], out, 0)
 
 
+def _keys_in_use(key_valid: torch.Tensor) -> int:
+    """1 + the last cache position that some sample may attend to (0 when there is none)."""
+    if key_valid.numel() == 0:
+        return 0
+    used = key_valid.any(0).nonzero()
+    return int(used[-1]) + 1 if used.numel() else 0
+
+
 def _finite(k: torch.Tensor, v: torch.Tensor, invalid: torch.Tensor) -> bool:
     """Whether the cached keys and values at the invalid positions are all finite."""
     rows, cols = invalid.nonzero(as_tuple=True)
@@ -261,3 +291,22 @@ def c2f_attention_reasons(q, k, v, layout, *, scale=None) -> list[str]:
 
 def c2f_decode_attention_reasons(q, k_cache, v_cache, key_valid, *, scale=None) -> list[str]:
     return []
+
+
+def c2f_attention_detail(q, k, v, layout, *, scale=None) -> str:
+    """Which method serves the call (:func:`dqfast.describe` shows it)."""
+    L = q.shape[2]
+    if L <= DENSE_MAX_LEN and q.dtype in (torch.float32, torch.float64):
+        return (
+            f"dense: one SDPA call with the layout's cached additive mask (L = {L} <= DENSE_MAX_LEN = "
+            f"{DENSE_MAX_LEN}); packed instead when a pad is not finite"
+        )
+    why = f"L = {L} > DENSE_MAX_LEN = {DENSE_MAX_LEN}" if L > DENSE_MAX_LEN else f"{q.dtype} attended in float32"
+    return f"packed: SDPA over the real tokens only ({why})"
+
+
+def c2f_decode_attention_detail(q, k_cache, v_cache, key_valid, *, scale=None) -> str:
+    used, Lk = _keys_in_use(key_valid), k_cache.shape[2]
+    if used < Lk:
+        return f"SDPA with the validity mask over the first {used} of {Lk} cached positions (none later is valid)"
+    return f"SDPA with the validity mask over all {Lk} cached positions"
