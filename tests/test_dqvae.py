@@ -423,7 +423,7 @@ def test_window_training_step_decodes_a_window_of_independently_coded_tiles():
     seen = set()
     for trial in range(6):
         torch.manual_seed(trial)
-        out, target = model._window_step(x)
+        out, target = model._window_step(x, model.train_budget)
         # Which window: the target is the image under it (found by search, not by the code's formula).
         stride = R // f
         hits = [
@@ -458,3 +458,25 @@ def test_training_step_takes_whole_tiles_only():
     loss.backward()
     assert math.isfinite(logs["psnr"])
     assert all(p.grad is not None for p in model.decoder.parameters())
+
+
+@pytest.mark.parametrize("name", ["dqvae-tiny", "dqvae-triple-tiny"])
+def test_random_train_budget_covers_router_and_exact_budgets(name):
+    model = create(name, train_budget="random")
+    torch.manual_seed(0)
+    draws = [model._draw_train_budget() for _ in range(200)]
+    exact = [b for b in draws if b is not None]
+    assert 60 < len(exact) < 140  # about half the steps let the router decide
+    G = model.num_grains
+    values = [b if G == 2 else sum(b) for b in exact]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    assert min(values) < 0.2 and max(values) > 0.8  # the whole range, not one point
+    if G > 2:
+        assert all(len(b) == G - 1 for b in exact)
+    # A training step with a drawn budget runs and trains.
+    torch.manual_seed(3)
+    loss, logs = model.training_step({"image": images(2, 2 * model.resolution)})
+    loss.backward()
+    assert math.isfinite(logs["loss"])
+    with pytest.raises(ValueError, match="train_budget"):
+        create(name, train_budget="sometimes")

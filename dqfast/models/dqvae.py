@@ -442,7 +442,9 @@ class DQVAE(nn.Module):
             settings (see :class:`dqfast.nn.DynamicQuantizer`); ``budget_target`` is the training
             target for the fraction of regions per grain (finest first).
         entropy_thresholds, entropy_bins: entropy router settings (see :class:`EntropyRouter`).
-        train_budget: exact per-image budget used by :meth:`training_step` (None: the router decides).
+        train_budget: exact per-image budget used by :meth:`training_step` (None: the router decides;
+            ``"random"``: every step draws one, half the time None, else uniform fractions, so every
+            budget the codec may be asked for is seen in training).
         loss_reduction, budget_loss, gate_gradient: the quantizer's conventions (see
             :class:`dqfast.nn.DynamicQuantizer`); ``"official"`` reproduces the released code.
         router_tap: where the feature router reads the encoder's maps: ``"after_quant_conv"``
@@ -501,6 +503,8 @@ class DQVAE(nn.Module):
             raise ValueError(f"resolution {resolution} must be a multiple of 2**(len(ch_mult) - 1)")
         self.resolution, self.num_grains, self.router_kind = resolution, num_grains, router
         self.metric = metric
+        if isinstance(train_budget, str) and train_budget != "random":
+            raise ValueError(f"train_budget must be None, a budget or 'random', got {train_budget!r}")
         self.train_budget = train_budget
         self.l1_weight, self.ssim_weight = float(l1_weight), float(ssim_weight)
         self.grid_size = resolution // 2 ** (len(ch_mult) - 1)
@@ -686,7 +690,20 @@ class DQVAE(nn.Module):
         win = min(11, side if side % 2 else side - 1)
         return ssim(reconstruction, x, data_range=1.0, win_size=win)
 
-    def _window_step(self, x: torch.Tensor) -> tuple[DQVAEOutput, torch.Tensor]:
+    def _draw_train_budget(self) -> float | list[float] | None:
+        """The budget of one training step (see ``train_budget``); draws from torch's generator."""
+        if self.train_budget != "random":
+            return self.train_budget
+        draw = torch.rand(self.num_grains + 1)
+        if draw[0] < 0.5:
+            return None
+        if self.num_grains == 2:
+            return float(draw[1])
+        # G - 1 fractions (finest first) of a uniform split of the regions over the G grains.
+        split = -torch.log(draw[1:].clamp_min(1e-12))
+        return (split / split.sum())[: self.num_grains - 1].tolist()
+
+    def _window_step(self, x: torch.Tensor, budget) -> tuple[DQVAEOutput, torch.Tensor]:
         """x: (B, 3, nR, nR), n >= 2 -> (the output for one R x R window per image, its target).
 
         Every R x R tile is coded on its own (as the codec codes them); the decoder then sees one
@@ -700,7 +717,7 @@ class DQVAE(nn.Module):
         tiles = rearrange(x, "b c (nh r) (nw s) -> (b nh nw) c r s", r=R, s=R)
         maps, router_maps = self._encode_maps(tiles)
         quantized, indices, grain, n_codes, quant_loss, budget_loss, scores = self._quantize(
-            tiles, maps, self.train_budget, router_maps
+            tiles, maps, budget, router_maps
         )
         latent = rearrange(quantized, "(b nh nw) d h w -> b d (nh h) (nw w)", b=B, nh=n, nw=n)
         region = 2 ** (self.num_grains - 1)
@@ -724,10 +741,11 @@ class DQVAE(nn.Module):
         R = self.resolution
         if x.dim() != 4 or x.shape[-1] != x.shape[-2] or x.shape[-1] % R:
             raise ValueError(f"batch['image'] must be (B, 3, S, S) with S a multiple of {R}, got {tuple(x.shape)}")
+        budget = self._draw_train_budget()
         if x.shape[-1] == R:
-            out = self(x, budget=self.train_budget)
+            out = self(x, budget=budget)
         else:
-            out, x = self._window_step(x)
+            out, x = self._window_step(x, budget)
         l1 = (out.reconstruction - x).abs().mean()
         similarity = self._similarity(out.reconstruction.float(), x.float())
         loss = self.l1_weight * l1 + self.ssim_weight * (1 - similarity) + out.quant_loss + out.budget_loss
