@@ -20,8 +20,9 @@ per-call overhead, and give the same values and gradients.
 
 Compiled CUDA calls run the Triton kernels in the graph. The kernels are also registered as
 ``torch.library.triton_op`` ops (:mod:`dqfast.kernels._triton_ops`: ``dqfast::<op>_triton`` and
-``dqfast::<op>_triton_backward``, each launch through ``torch.library.wrap_triton``) for
-subpixel_conv2d, upsample_conv2d, vector_quantize and c2f_attention. When AOTAutograd traces one
+``dqfast::<op>_triton_backward``, each launch through ``torch.library.wrap_triton``) for every
+public op: subpixel_conv2d, upsample_conv2d, vector_quantize, dynamic_quantize,
+code_statistics, c2f_attention and c2f_decode_attention. When AOTAutograd traces one
 of these custom ops (or its backward op) and every tensor of the call is on a CUDA device, a
 ``FunctionalTensorMode`` rule asks :func:`dqfast.backend.describe` which path serves the call;
 when it is Triton, the custom op is replaced by the triton_op, which AOTAutograd decomposes into
@@ -31,16 +32,27 @@ supported on that path) instead of calling an opaque function. Consequences:
 
 - the path is chosen when the graph is compiled (under the backend in force then), not at each
   call; a backend set afterwards applies to the ops that stayed opaque only;
-- the backward of the conv ops and of the attention runs their backward kernels directly (no
-  recomputation for the convs; the attention's forward kernel runs again, because the backward
-  op carries no log-sum-exp); vector_quantize's straight-through backward is torch ops;
+- the backward of the conv ops, of the attention and of dynamic_quantize runs their backward
+  kernels directly (no recomputation for the convs; the attention's and the quantizer's forward
+  kernels run again, because their backward ops carry no log-sum-exp, indices or resolved
+  grain; the quantizer's split search and combine are deterministic, so the indices are the
+  forward's); vector_quantize's straight-through backward is torch ops, and so is the part of
+  dynamic_quantize's cosine backward that goes through the normalisation and the gate;
+- dynamic_quantize stays free of host syncs there as eagerly: the coded cells are compacted on the
+  device into lists sized by the grids (the kernels read the true counts from device memory) and
+  the codebook split is decided inside the search kernel, so every shape is known when tracing;
+  the backward and code_statistics accumulate with fp32 atomics into zeroed outputs, which the
+  traced graph keeps (torch's analysis marks those outputs, and the emit/backward kernels'
+  cell lists, as written);
+- c2f_decode_attention has forward kernels only. The inputs seen below autograd do not show
+  whether they require grad, so a compiled call that needs a gradient runs its forward on the
+  kernels (as the opaque op did at run time) and keeps the opaque backward op, which recomputes
+  on the fast path or the reference (under an explicit ``triton`` backend it raises, as before);
 - CPU calls, the fast and reference paths, and ``torch.export`` (which keeps triton_ops as custom
   ops) are unchanged: one opaque node that dispatches at run time.
 
-Still opaque on a GPU: dynamic_quantize and code_statistics (their launchers compact the coded
-cells and size the codebook split on the device and accumulate with atomics; not converted yet)
-and c2f_decode_attention (forward-only inference kernel; not converted yet). Nothing here
-imports triton until a CUDA call is compiled onto the Triton path.
+No op is left opaque on a GPU. Nothing here imports triton until a CUDA call is compiled onto
+the Triton path.
 """
 
 from __future__ import annotations
@@ -491,6 +503,43 @@ def _dq_backward(ctx, grad_quantized, grad_indices, grad_grain, grad_loss, grad_
 _dynamic_quantize.register_autograd(_dq_backward, setup_context=_dq_setup)
 
 
+def _dq_route(features, codebook, grain, gate, router_logits, budget, metric, beta, *rest) -> bool:
+    return _compiles_to_triton(
+        "dynamic_quantize",
+        list(features),
+        codebook,
+        grain=grain,
+        gate=gate,
+        router_logits=router_logits,
+        budget=_budget_arg(budget),
+        metric=metric,
+        beta=beta,
+    )
+
+
+def _dq_triton(*args):
+    forward, _ = _triton_ops().TRITON_OPS["dynamic_quantize"]
+    return tuple(t.contiguous() for t in forward(*args))
+
+
+def _dq_triton_backward(
+    grad_quantized, grad_loss, features, codebook, grain, gate, router_logits, budget, metric, beta, wants
+):
+    # The backward kernel reads the forward's indices and resolved grain, which this op's
+    # signature does not carry: the forward kernels run again (as the opaque op recomputes too;
+    # the search is deterministic, so the indices are the forward's).
+    forward, backward = _triton_ops().TRITON_OPS["dynamic_quantize"]
+    _, indices, resolved, _, _ = forward(features, codebook, grain, gate, router_logits, budget, metric, beta)
+    grads = backward(grad_quantized, grad_loss, features, codebook, gate, resolved, indices, metric, beta, wants)
+    return [g.contiguous() for g in grads]
+
+
+_decompose_onto_triton(_dynamic_quantize, _dq_route, _dq_triton)
+_decompose_onto_triton(
+    _dynamic_quantize_backward, lambda grad_q, grad_loss, *args: _dq_route(*args), _dq_triton_backward
+)
+
+
 def dynamic_quantize(
     features, codebook, *, grain=None, gate=None, router_logits=None, budget=None, metric="l2", beta=0.25
 ) -> DynamicVQOutput:
@@ -515,6 +564,18 @@ def _code_statistics(x: Tensor, indices: Tensor, num_codes: int) -> tuple[Tensor
 def _(x, indices, num_codes):
     acc = _compute_dtype(x.dtype)
     return x.new_empty(num_codes, dtype=acc), x.new_empty(num_codes, x.shape[1], dtype=acc)
+
+
+def _cs_triton(x, indices, num_codes):
+    forward, _ = _triton_ops().TRITON_OPS["code_statistics"]
+    return tuple(t.contiguous() for t in forward(x, indices, num_codes))
+
+
+_decompose_onto_triton(
+    _code_statistics,
+    lambda x, indices, num_codes: _compiles_to_triton("code_statistics", x, indices, num_codes),
+    _cs_triton,
+)
 
 
 def code_statistics(x, indices, num_codes):
@@ -656,6 +717,21 @@ def _decode_backward(ctx, grad):
 
 
 _c2f_decode_attention.register_autograd(_decode_backward, setup_context=_decode_setup)
+
+
+def _decode_route(q, k_cache, v_cache, key_valid, scale) -> bool:
+    # The decode kernels are forward-only. Below autograd (here, and where the opaque op runs in a
+    # compiled graph) the inputs do not show that they require grad, so a call that needs a
+    # gradient has its forward on the kernels as before; its backward stays the opaque op.
+    return _compiles_to_triton("c2f_decode_attention", q, k_cache, v_cache, key_valid, scale=scale)
+
+
+def _decode_triton(q, k_cache, v_cache, key_valid, scale):
+    forward, _ = _triton_ops().TRITON_OPS["c2f_decode_attention"]
+    return forward(q, k_cache, v_cache, key_valid, scale).contiguous()
+
+
+_decompose_onto_triton(_c2f_decode_attention, _decode_route, _decode_triton)
 
 
 def c2f_decode_attention(q, k_cache, v_cache, key_valid, *, scale=None):

@@ -815,6 +815,16 @@ def _c2f_decode_attention_combine_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+def _direct(kernel):
+    """The default ``wrap_triton`` of a launcher: the kernel itself (a plain eager launch).
+
+    :mod:`dqfast.kernels._triton_ops` passes ``torch.library.wrap_triton`` instead, so that
+    torch.compile traces the launch into its graph (the parameter keeps that name because torch
+    finds a triton_op's kernels by looking for ``wrap_triton(<kernel>)`` calls in its source).
+    """
+    return kernel
+
+
 def _block_d(head_dim: int) -> int:
     return max(MIN_BLOCK_D, triton.next_power_of_2(head_dim))
 
@@ -946,7 +956,13 @@ def _decode_splits(programs: int, lk: int, device: torch.device) -> tuple[int, i
 
 
 def c2f_decode_attention_fwd(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key_valid: torch.Tensor,
+    scale: float,
+    *,
+    wrap_triton=_direct,
 ) -> torch.Tensor:
     """Few-query attention over a KV cache, split over the key axis then merged.
 
@@ -968,13 +984,13 @@ def c2f_decode_attention_fwd(
     # Same-size reinterpretation (no copy): Triton reads bytes more predictably than i1 pointers.
     kv_bytes = key_valid.view(torch.uint8)
     block_d = _block_d(Dh)
-    _c2f_decode_attention_fwd_kernel[(B * H, n_splits, Lq)](
+    wrap_triton(_c2f_decode_attention_fwd_kernel)[(B * H, n_splits, Lq)](
         q, k_cache, v_cache, kv_bytes, part_acc, part_m, part_l,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *kv_bytes.stride(),
         H, Lq, Lk, Dh, n_splits, keys_per_split, scale * LOG2E,
         NUM_STAGES=DECODE_NUM_STAGES, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d,
     )  # fmt: skip
-    _c2f_decode_attention_combine_kernel[(B * H, Lq)](
+    wrap_triton(_c2f_decode_attention_combine_kernel)[(B * H, Lq)](
         part_acc, part_m, part_l, out, *out.stride(), H, Lq, Dh, n_splits,
         BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_D=block_d,
     )  # fmt: skip

@@ -57,6 +57,7 @@ __all__ = [
     "vector_quantize_fwd",
     "dynamic_quantize_fwd",
     "dynamic_quantize_bwd",
+    "code_statistics_fwd",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -748,6 +749,7 @@ def dynamic_quantize_fwd(
     *,
     cosine: bool,
     out_dtype: torch.dtype,
+    wrap_triton=_direct,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Search every coded vector once and broadcast its code to the finest grid.
 
@@ -782,7 +784,7 @@ def dynamic_quantize_fwd(
         best = torch.empty(cap, SEARCH_MAX_SPLITS, dtype=torch.float32, device=device)
         best_idx = torch.empty(cap, SEARCH_MAX_SPLITS, dtype=torch.int64, device=device)
         grid = lambda meta, cap=cap: (triton.cdiv(cap, meta["BLOCK_N"]) * SEARCH_MAX_SPLITS,)
-        _dynamic_quantize_search_kernel[grid](
+        wrap_triton(_dynamic_quantize_search_kernel)[grid](
             feat, gate_arg, codebook, code_sq, cells[g], counts[g], best, best_idx, splits,
             K, D, feat.shape[2], feat.shape[3], target, *feat.stride(), *gate_strides, *codebook.stride(),
             GRAIN=g, REGION=2**g, HAS_GATE=gate is not None, COSINE=cosine,
@@ -791,7 +793,7 @@ def dynamic_quantize_fwd(
         )  # fmt: skip
         row_programs = triton.cdiv(cap, _ELEMENTWISE_BLOCK_N)
         partial = torch.zeros(row_programs, channel_programs, dtype=torch.float32, device=device)
-        _dynamic_quantize_emit_kernel[(row_programs, channel_programs)](
+        wrap_triton(_dynamic_quantize_emit_kernel)[(row_programs, channel_programs)](
             feat, gate_arg, codebook, cells[g], counts[g], best, best_idx, splits, quantized, indices, partial,
             D, feat.shape[2], feat.shape[3], *feat.stride(), *gate_strides, *codebook.stride(),
             *quantized.stride(), *indices.stride(),
@@ -815,6 +817,8 @@ def dynamic_quantize_bwd(
     indices: torch.Tensor,
     cells: Sequence[torch.Tensor],
     counts: Sequence[torch.Tensor],
+    *,
+    wrap_triton=_direct,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """Gradients of the dynamic quantizer.
 
@@ -839,7 +843,7 @@ def dynamic_quantize_bwd(
         if cap == 0 or D == 0:
             continue
         grid = (triton.cdiv(cap, _ELEMENTWISE_BLOCK_N), triton.cdiv(D, _CHANNELS_PER_PROGRAM))
-        _dynamic_quantize_bwd_kernel[grid](
+        wrap_triton(_dynamic_quantize_bwd_kernel)[grid](
             feat, gate if gate is not None else dummy, codebook, indices, cells[g], counts[g],
             grad_q_arg, coef if coef is not None else dummy,
             grad_features[g], grad_gate if grad_gate is not None else dummy, grad_codebook,
@@ -861,6 +865,13 @@ def code_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> t
     skipped). Returns counts (num_codes,) fp32 and sums (num_codes, D) fp32, built with fp32
     atomics: no N x K one-hot is ever formed. Not differentiable.
     """
+    return code_statistics_fwd(x, indices, num_codes)
+
+
+def code_statistics_fwd(
+    x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, wrap_triton=_direct
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launcher of :func:`code_statistics` (same arguments and results)."""
     N, D = x.shape
     counts = torch.zeros(num_codes, dtype=torch.float32, device=x.device)
     sums = torch.zeros(num_codes, D, dtype=torch.float32, device=x.device)
@@ -869,7 +880,7 @@ def code_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> t
     block_d = min(triton.next_power_of_2(max(D, 1)), STATISTICS_BLOCK_D, _CHANNELS_PER_PROGRAM)
     x = x.detach()
     grid = (triton.cdiv(N, _ELEMENTWISE_BLOCK_N), triton.cdiv(max(D, 1), _CHANNELS_PER_PROGRAM))
-    _code_statistics_kernel[grid](
+    wrap_triton(_code_statistics_kernel)[grid](
         x, indices, counts, sums, N, num_codes, D, x.stride(0), x.stride(1), indices.stride(0),
         CHANNELS=_CHANNELS_PER_PROGRAM, BLOCK_N=_ELEMENTWISE_BLOCK_N, BLOCK_D=block_d,
     )  # fmt: skip

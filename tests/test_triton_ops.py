@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import dqfast
-from dqfast import library  # noqa: F401  (registers the public custom ops)
+from dqfast import library  # registers the public custom ops
 from dqfast.reference import c2f_attention as ref_attn
 from dqfast.reference import subpixel_conv as ref_spc
 from dqfast.reference import vector_quantize as ref_vq
@@ -69,6 +69,26 @@ EXPECTED = {
         "SymInt[] segment_sizes, Tensor lengths, str mode, float? scale) -> (Tensor, Tensor, Tensor)",
         {"_c2f_attention_bwd_preprocess_kernel", "_c2f_attention_bwd_dq_kernel", "_c2f_attention_bwd_dkdv_kernel"},
     ),
+    "dynamic_quantize_triton": (
+        "dqfast::dynamic_quantize_triton(Tensor[] features, Tensor codebook, Tensor? grain, Tensor? gate, "
+        "Tensor? router_logits, float[]? budget, str metric, float beta) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        {"_dynamic_quantize_search_kernel", "_dynamic_quantize_emit_kernel"},
+    ),
+    "dynamic_quantize_triton_backward": (
+        "dqfast::dynamic_quantize_triton_backward(Tensor? grad_quantized, Tensor? grad_loss, Tensor[] features, "
+        "Tensor codebook, Tensor? gate, Tensor grain, Tensor indices, str metric, float beta, bool[] wants) "
+        "-> Tensor[]",
+        {"_dynamic_quantize_bwd_kernel"},
+    ),
+    "code_statistics_triton": (
+        "dqfast::code_statistics_triton(Tensor x, Tensor indices, SymInt num_codes) -> (Tensor, Tensor)",
+        {"_code_statistics_kernel"},
+    ),
+    "c2f_decode_attention_triton": (
+        "dqfast::c2f_decode_attention_triton(Tensor q, Tensor k_cache, Tensor v_cache, Tensor key_valid, "
+        "float? scale) -> Tensor",
+        {"_c2f_decode_attention_fwd_kernel", "_c2f_decode_attention_combine_kernel"},
+    ),
 }
 
 
@@ -89,7 +109,8 @@ def test_library_import_does_not_import_triton():
 
 
 def test_registrations_and_schemas(triton_ops):
-    assert set(triton_ops.TRITON_OPS) == {"subpixel_conv2d", "upsample_conv2d", "vector_quantize", "c2f_attention"}
+    # every public op: each one's CUDA path can be traced into the kernels
+    assert set(triton_ops.TRITON_OPS) == set(library.OPS)
     for name, (schema, _) in EXPECTED.items():
         assert str(getattr(torch.ops.dqfast, name).default._schema) == schema
     for public, (forward, backward) in triton_ops.TRITON_OPS.items():
@@ -210,6 +231,115 @@ def test_vector_quantize_triton_matches_reference(triton_ops, metric):
     torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
+DQ_CASES = [
+    # (metric, how the grain is given)
+    ("l2", "gate"),
+    ("l2", "budget"),
+    ("cosine", "gate"),
+    ("cosine", "grain"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("metric, mode", DQ_CASES)
+def test_dynamic_quantize_triton_matches_reference(triton_ops, metric, mode):
+    torch.manual_seed(3)
+    B, D, H, W, K = 2, 6, 3, 2, 13
+    features = [torch.randn(B, D, H * 2**g, W * 2**g) for g in range(2)]
+    features[1] = features[1].transpose(2, 3).contiguous().transpose(2, 3)  # any strides
+    codebook = torch.randn(K, D)
+    logits = torch.randn(B, H, W, 2)
+    logits[0, 0, 0] = torch.tensor([2.0, -2.0])  # region (0, 0) of image 0 coded coarse
+    gate = torch.nn.functional.one_hot(logits.argmax(-1), 2).float() if mode == "gate" else None
+    grain = logits.argmax(-1) if mode == "grain" else None
+    router_logits, budget = (logits, [0.5]) if mode == "budget" else (None, None)
+    if metric == "cosine":
+        features[0][0, :, 0, 0] = 0.0  # a coded zero vector: its gradient goes through the eps clamp
+    kl, rl = _leaves(*features, codebook, gate), _leaves(*features, codebook, gate)
+    grain_k = None if grain is None else grain.to(KERNEL_DEVICE)
+    logits_k = None if router_logits is None else router_logits.to(KERNEL_DEVICE)
+    out = torch.ops.dqfast.dynamic_quantize_triton(kl[:2], kl[2], grain_k, kl[3], logits_k, budget, metric, 0.25)
+    expected = ref_vq.dynamic_quantize(
+        rl[:2], rl[2], grain=grain_k, gate=rl[3], router_logits=logits_k,
+        budget=None if budget is None else budget[0], metric=metric, beta=0.25,
+    )  # fmt: skip
+    quantized, indices, grain_out, loss, n_codes = out
+    assert torch.equal(indices, expected.indices)
+    assert torch.equal(grain_out, expected.grain) and torch.equal(n_codes, expected.n_codes)
+    assert quantized.dtype == features[0].dtype and loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(quantized, expected.quantized, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, expected.loss, atol=1e-6, rtol=1e-5)
+    # gradients of the straight-through output and the loss (commitment and codebook terms)
+    go, gl = torch.randn_like(quantized), 1.7
+    grads = _grads((quantized * go).sum() + gl * loss, kl, None)
+    expected_grads = _grads((expected.quantized * go).sum() + gl * expected.loss, rl, None)
+    assert len(grads) == (4 if gate is not None else 3)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_dynamic_quantize_triton_backward_returns_the_wanted_gradients(triton_ops):
+    torch.manual_seed(4)
+    features = [torch.randn(1, 4, 2 * 2**g, 2 * 2**g).to(KERNEL_DEVICE) for g in range(2)]
+    codebook = torch.randn(5, 4).to(KERNEL_DEVICE)
+    grain = torch.tensor([[[0, 1], [1, 0]]]).to(KERNEL_DEVICE)
+    _, indices, grain, _, _ = torch.ops.dqfast.dynamic_quantize_triton(
+        features, codebook, grain, None, None, None, "l2", 0.25
+    )
+    grad_q = torch.randn(1, 4, 4, 4).to(KERNEL_DEVICE)
+    grads = torch.ops.dqfast.dynamic_quantize_triton_backward(
+        grad_q, None, features, codebook, None, grain, indices, "l2", 0.25, [True, False, True, False]
+    )
+    assert [tuple(g.shape) for g in grads] == [(1, 4, 2, 2), (0,), (5, 4), (0,)]
+    assert not grads[2].any()  # no loss gradient: nothing reaches the codebook
+
+
+@needs_kernels
+def test_code_statistics_triton_matches_reference(triton_ops):
+    torch.manual_seed(6)
+    x = torch.randn(45, 14)[:, ::2].to(KERNEL_DEVICE)  # any strides
+    indices = torch.randint(0, 9, (45,)).to(KERNEL_DEVICE)
+    counts, sums = torch.ops.dqfast.code_statistics_triton(x, indices, 11)
+    expected_counts, expected_sums = ref_vq.code_statistics(x, indices, 11)
+    torch.testing.assert_close(counts, expected_counts)
+    torch.testing.assert_close(sums, expected_sums, atol=1e-5, rtol=1e-5)
+    assert counts.dtype == sums.dtype == torch.float32
+
+
+@needs_kernels
+def test_c2f_decode_attention_triton_matches_reference(triton_ops):
+    torch.manual_seed(7)
+    q = torch.randn(2, 3, 2, 8).to(KERNEL_DEVICE)
+    k, v = (torch.randn(2, 3, 37, 8).to(KERNEL_DEVICE) for _ in range(2))
+    k = k.transpose(2, 3).contiguous().transpose(2, 3)  # any strides
+    key_valid = (torch.rand(2, 37) > 0.3).to(KERNEL_DEVICE)
+    key_valid[1] = False  # a query with no valid key gets 0
+    out = torch.ops.dqfast.c2f_decode_attention_triton(q, k, v, key_valid, 0.4)
+    expected = ref_attn.c2f_decode_attention(q, k, v, key_valid, scale=0.4)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert not out[1].any()
+
+
+@needs_kernels
+def test_opcheck_schemas_of_the_quantizer_and_decode_ops(triton_ops):
+    features = [
+        torch.randn(1, 4, 2, 2).to(KERNEL_DEVICE),
+        torch.randn(1, 4, 4, 4).to(KERNEL_DEVICE).requires_grad_(),
+    ]
+    codebook = torch.randn(5, 4).to(KERNEL_DEVICE)
+    grain = torch.tensor([[[0, 1], [1, 0]]]).to(KERNEL_DEVICE)
+    checks = ("test_schema", "test_autograd_registration")
+    dq_args = (features, codebook, grain, None, None, None, "l2", 0.25)
+    torch.library.opcheck(torch.ops.dqfast.dynamic_quantize_triton.default, dq_args, test_utils=checks)
+    x, indices = torch.randn(6, 4).to(KERNEL_DEVICE), torch.randint(0, 5, (6,)).to(KERNEL_DEVICE)
+    torch.library.opcheck(torch.ops.dqfast.code_statistics_triton.default, (x, indices, 5), test_utils=checks)
+    q, k, v = (torch.randn(1, 2, n, 8).to(KERNEL_DEVICE) for n in (1, 5, 5))
+    key_valid = torch.tensor([[True, False, True, True, False]]).to(KERNEL_DEVICE)
+    decode_args = (q, k, v, key_valid, None)
+    torch.library.opcheck(torch.ops.dqfast.c2f_decode_attention_triton.default, decode_args, test_utils=checks)
+
+
 # ----------------------------------------------------------------------------------------------
 # The graphs AOTAutograd traces (CPU, kernels compiled for an sm_90 target, never launched)
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +406,28 @@ with dqfast.use_backend("triton"):
         lambda q, k, v, n: (library.c2f_attention(q, k, v, dqfast.C2FLayout._unchecked((5, 4), n, "causal")).sum(),),
         [q, k, v, lengths],
     )
-print(json.dumps({"found": found, "graphs": result}))
+    feats = [torch.randn(2, 16, 2 * 2**g, 3 * 2**g, requires_grad=True) for g in range(2)]
+    cb = torch.randn(33, 16, requires_grad=True)
+    gate = torch.nn.functional.one_hot(torch.randn(2, 2, 3, 2).argmax(-1), 2).float().requires_grad_()
+
+    def quantize(f0, f1, c, gt):
+        out = library.dynamic_quantize([f0, f1], c, gate=gt)
+        return (out.quantized.sum() + out.loss,)
+
+    result["dynamic_quantize"] = trace(quantize, [*feats, cb, gate])
+    x_cs, idx_cs = torch.randn(40, 16), torch.randint(0, 33, (40,))
+    result["code_statistics"] = trace(lambda x, i: library.code_statistics(x, i, 33), [x_cs, idx_cs], joint=False)
+    q_dec, k_dec, v_dec = torch.randn(2, 2, 3, 16), torch.randn(2, 2, 70, 16), torch.randn(2, 2, 70, 16)
+    valid = torch.rand(2, 70) > 0.3
+    result["c2f_decode_attention"] = trace(
+        lambda q, k, v, m: (library.c2f_decode_attention(q, k, v, m),), [q_dec, k_dec, v_dec, valid], joint=False
+    )
+    # a call that needs a gradient (the decode kernels are forward-only)
+    decode_with_grad = trace(
+        lambda q, k, v, m: (library.c2f_decode_attention(q, k, v, m).sum(),),
+        [q_dec.requires_grad_(), k_dec, v_dec, valid],
+    )
+print(json.dumps({"found": found, "graphs": result, "decode_with_grad": decode_with_grad}))
 """
 
 
@@ -330,6 +481,20 @@ with dqfast.use_backend("triton"):
     result["vector_quantize"] = compile_and_capture(lambda z, c: dqfast.vector_quantize(z, c).quantized, (z, codebook))
     result["c2f_attention"] = compile_and_capture(
         lambda q, k, v, n: dqfast.c2f_attention(q, k, v, dqfast.C2FLayout((5, 6), n, "block")), (q, k, v, lengths)
+    )
+    feats = [torch.randn(2, 16, 3 * 2**g, 5 * 2**g, requires_grad=True) for g in range(2)]
+    grain = torch.randint(0, 2, (2, 3, 5))
+    # (library's op: dqfast.dynamic_quantize's argument checks break the graph at math.isfinite(beta)
+    # when dynamic=True makes the float symbolic)
+    result["dynamic_quantize"] = compile_and_capture(
+        lambda f0, f1, c, g: library.dynamic_quantize([f0, f1], c, grain=g).quantized, (*feats, codebook, grain)
+    )
+    x_cs, idx_cs = torch.randn(41, 16), torch.randint(0, 33, (41,))
+    result["code_statistics"] = compile_and_capture(lambda x, i: dqfast.code_statistics(x, i, 33), (x_cs, idx_cs))
+    q_dec, k_dec, v_dec = torch.randn(2, 2, 3, 16), torch.randn(2, 2, 70, 16), torch.randn(2, 2, 70, 16)
+    valid = torch.rand(2, 70) > 0.3
+    result["c2f_decode_attention"] = compile_and_capture(
+        lambda q, k, v, m: dqfast.c2f_decode_attention(q, k, v, m), (q_dec, k_dec, v_dec, valid)
     )
 print(json.dumps(result))
 """
@@ -395,6 +560,34 @@ def test_compiled_call_launches_the_forward_and_backward_kernels(traced_on_gpu_p
     ]
 
 
+def test_compiled_quantizer_and_decode_calls_launch_their_kernels(traced_on_gpu_path):
+    graphs = traced_on_gpu_path["graphs"]
+    search, emit = "_dynamic_quantize_search_kernel", "_dynamic_quantize_emit_kernel"
+    dq = graphs["dynamic_quantize"]
+    assert dq["ops"] == []  # no opaque custom op left, forward or backward
+    # per grain (2 here): the split codebook search, then the combine that writes the codes; the
+    # backward op carries no indices, so the (deterministic) forward kernels run again there
+    # before the backward kernel, once per grain
+    assert dq["kernels"] == [search, emit] * 4 + ["_dynamic_quantize_bwd_kernel"] * 2
+    fwd_mutated = [
+        ["best_idx_ptr", "best_ptr", "splits_ptr"],
+        ["cells_ptr", "indices_ptr", "partial_ptr", "quantized_ptr"],
+    ]
+    # (torch's analysis also lists cells_ptr: the stores' addresses come from the cells it loads)
+    assert dq["mutated"] == fwd_mutated * 4 + [["cells_ptr", "grad_codebook_ptr", "grad_feat_ptr", "grad_gate_ptr"]] * 2
+    stats = graphs["code_statistics"]
+    assert stats == {"kernels": ["_code_statistics_kernel"], "mutated": [["counts_ptr", "sums_ptr"]], "ops": []}
+    decode = graphs["c2f_decode_attention"]
+    assert decode["ops"] == []
+    assert decode["kernels"] == ["_c2f_decode_attention_fwd_kernel", "_c2f_decode_attention_combine_kernel"]
+    assert decode["mutated"] == [["PART_ACC", "PART_L", "PART_M"], ["O"]]
+    # inputs that need a gradient: below autograd they do not show it, so the forward runs the
+    # kernels (as the opaque op did at run time) and the backward stays the opaque op
+    with_grad = traced_on_gpu_path["decode_with_grad"]
+    assert with_grad["kernels"] == decode["kernels"]
+    assert with_grad["ops"] == ["dqfast.c2f_decode_attention_backward.default"]
+
+
 def test_compile_with_dynamic_shapes_traces_the_kernels():
     if not HAS_TRITON:
         pytest.skip("needs triton installed")
@@ -404,6 +597,9 @@ def test_compile_with_dynamic_shapes_traces_the_kernels():
         "upsample_conv2d": ["_subpixel_conv2d_folded_fwd_kernel"],
         "vector_quantize": ["_vector_quantize_fwd_kernel"],
         "c2f_attention": ["_c2f_attention_fwd_kernel"],
+        "dynamic_quantize": ["_dynamic_quantize_search_kernel", "_dynamic_quantize_emit_kernel"] * 2,
+        "code_statistics": ["_code_statistics_kernel"],
+        "c2f_decode_attention": ["_c2f_decode_attention_fwd_kernel", "_c2f_decode_attention_combine_kernel"],
     }
 
 
@@ -488,3 +684,65 @@ def test_inductor_compiles_the_attention_kernels():
     code = "\n".join(codes)
     assert "_c2f_attention_fwd_kernel" in code
     assert "torch.ops.dqfast.c2f_attention.default" not in code
+
+
+@needs_gpu
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_inductor_compiles_the_quantizer_and_decode_kernels():
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(14)
+    D, K = 32, 256
+    features = [torch.randn(2, D, 8 * 2**g, 8 * 2**g, device="cuda", requires_grad=True) for g in range(2)]
+    codebook = torch.randn(K, D, device="cuda", requires_grad=True)
+    gate = torch.nn.functional.one_hot(torch.randn(2, 8, 8, 2, device="cuda").argmax(-1), 2).float()
+    gate.requires_grad_()
+    params = [*features, codebook, gate]
+
+    def quantize(f0, f1, codebook, gate):
+        out = dqfast.dynamic_quantize([f0, f1], codebook, gate=gate)
+        counts, sums = dqfast.code_statistics(f1.permute(0, 2, 3, 1).reshape(-1, D), out.indices.reshape(-1), K)
+        return out.quantized, out.indices, out.loss, counts, sums
+
+    torch._dynamo.reset()
+    with dqfast.use_backend("triton"):
+        expected = quantize(*params)
+        out, codes = run_and_get_code(torch.compile(quantize, fullgraph=True, backend="inductor"), *params)
+        torch.testing.assert_close(out[0], expected[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(out[1], expected[1])
+        torch.testing.assert_close(out[2], expected[2], atol=1e-5, rtol=1e-5)
+        assert torch.equal(out[3], expected[3])
+        torch.testing.assert_close(out[4], expected[4], atol=1e-4, rtol=1e-4)
+        go = torch.randn_like(out[0])
+        eager_grads = torch.autograd.grad((expected[0] * go).sum() + 3.0 * expected[2], params)
+        grads, bwd_codes = run_and_get_code(lambda: torch.autograd.grad((out[0] * go).sum() + 3.0 * out[2], params))
+        for g, e in zip(grads, eager_grads):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    code = "\n".join(codes + bwd_codes)
+    for kernel in (
+        "_dynamic_quantize_search_kernel",
+        "_dynamic_quantize_emit_kernel",
+        "_dynamic_quantize_bwd_kernel",
+        "_code_statistics_kernel",
+    ):
+        assert kernel in code, kernel
+    for op in ("dynamic_quantize", "dynamic_quantize_backward", "code_statistics"):
+        assert f"torch.ops.dqfast.{op}.default" not in code, op
+
+    q = torch.randn(2, 4, 3, 64, device="cuda")
+    k_cache, v_cache = (torch.randn(2, 4, 300, 64, device="cuda") for _ in range(2))
+    key_valid = torch.rand(2, 300, device="cuda") > 0.2
+
+    def decode(q, k_cache, v_cache, key_valid):
+        return dqfast.c2f_decode_attention(q, k_cache, v_cache, key_valid)
+
+    torch._dynamo.reset()
+    with dqfast.use_backend("triton"), torch.no_grad():
+        expected = decode(q, k_cache, v_cache, key_valid)
+        out, codes = run_and_get_code(
+            torch.compile(decode, fullgraph=True, backend="inductor"), q, k_cache, v_cache, key_valid
+        )
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    code = "\n".join(codes)
+    assert "_c2f_decode_attention_fwd_kernel" in code and "_c2f_decode_attention_combine_kernel" in code
+    assert "torch.ops.dqfast.c2f_decode_attention.default" not in code
