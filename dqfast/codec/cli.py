@@ -16,7 +16,9 @@ images of more than 8 bits per channel (16-bit PNGs of any colour type included:
 silently reduce those to 8 bits) and floating-point images are refused; of an animated or
 multi-page image only the first frame is coded, with a warning. ``--max-pixels`` (default 2**28,
 268 megapixels) caps the size of an image read or of the image a file claims, checked before
-anything is decoded.
+anything is decoded. The variable-rate CAE reads an 8-bit, non-interlaced PNG a band of rows at a
+time straight from the file (:mod:`dqfast.codec.png_rows`, the same pixels as Pillow's) instead of
+decoding it whole; damaged pixel data in such a PNG is then reported after the model has loaded.
 
 Outputs: ``decompress`` writes PNG, so its output must end in ``.png``. A new path or an existing
 regular file is written atomically (a temporary file in the same folder, fsync, then a rename); an
@@ -53,6 +55,7 @@ from PIL import Image
 from torch import nn
 
 from dqfast.codec.container import DEFAULT_MAX_PIXELS, FORMAT_VERSION, CodecError, Header, pixel_limit, unpack
+from dqfast.codec.png_rows import PngRows
 
 __all__ = ["COMMANDS", "add_arguments", "run", "main", "load_model", "read_image", "write_atomic"]
 
@@ -172,9 +175,12 @@ def _image_tensor(img: Image.Image, channels: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
-def open_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, int, list[str]]:
+def open_image(
+    path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, load: bool = True
+) -> tuple[Image.Image, int, list[str]]:
     """The decoded Pillow image at ``path`` (not converted: a large photo stays in one copy), its
-    source channels (1 or 3) and warnings; checks as :func:`read_image`."""
+    source channels (1 or 3) and warnings; checks as :func:`read_image`. ``load=False`` checks the
+    header only and returns the image closed, its pixels not decoded (for its size and mode)."""
     warnings: list[str] = []
     try:
         depth = _png_bit_depth(path)
@@ -202,7 +208,8 @@ def open_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
             if has_alpha:
                 warnings.append(f"{path}: alpha channel dropped (the codec stores RGB or grayscale)")
             gray = mode in _GRAY_MODES
-            img.load()
+            if load:
+                img.load()
     except (Image.UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise CommandError(f"{path}: not an image Pillow can read ({_one_line(e)})") from e
     except (OSError, SyntaxError, ValueError) as e:  # Pillow reports some damaged files as SyntaxError
@@ -399,7 +406,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     inp, out = Path(args.input), Path(args.output)
     _check_not_input(inp, out)
     _check_output(args.output, args.force)
-    pillow_image, channels, warnings = open_image(inp, max_pixels=args.max_pixels)
+    # A regular file: the header only, checked before the model loads; the pixels are read below.
+    regular = inp.is_file()
+    pillow_image, channels, warnings = open_image(inp, max_pixels=args.max_pixels, load=not regular)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     device = resolve_device(args.device)
@@ -409,12 +418,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise CommandError(f"--budget applies to DQ-VAE models; {name!r} is a CAE (use --quality)")
     if kind == "dqvae" and args.quality is not None:
         raise CommandError(f"--quality applies to CAE models; {name!r} is a DQ-VAE (use --budget)")
-    if kind == "dqvae" or _banded(model):
-        image = pillow_image  # the DQ-VAE and variable-rate CAE codecs read the image a band at a time
-    else:
-        image = _image_tensor(pillow_image, channels)
+    # The variable-rate CAE reads the image a band at a time: a PNG is decoded as the bands are
+    # read (Pillow would hold a 12000 x 12000 RGB image whole, at 4 bytes a pixel: 576 MB).
+    image = PngRows.open(inp) if regular and _banded(model) else None
+    if image is None:
+        if regular:
+            pillow_image = open_image(inp, max_pixels=args.max_pixels)[0]
+        # The DQ-VAE codec also reads a Pillow image a band at a time.
+        image = pillow_image if kind == "dqvae" or _banded(model) else _image_tensor(pillow_image, channels)
     start = time.perf_counter()
-    result = encode(model, image, budget=args.budget, quality=args.quality, name=name, source_channels=channels)
+    with image if isinstance(image, PngRows) else contextlib.nullcontext():
+        result = encode(model, image, budget=args.budget, quality=args.quality, name=name, source_channels=channels)
     _synchronize(device)
     seconds = time.perf_counter() - start
     write_atomic(args.output, lambda f: f.write(result.data), overwrite=args.force)
