@@ -40,13 +40,21 @@ if [[ $STAGE == all || $STAGE == cae ]]; then
   "$PY" -m dqfast train cae "${CAE[@]}" --steps "$CAE_DROP"
   "$PY" -m dqfast train cae "${CAE[@]}" --steps "$CAE_STEPS" --lr-drop "$CAE_DROP" --resume
 fi
-# The DQ-VAE: the same data as the CAE; 128x128 crops are 2x2 tiles of 64, each coded on its own, and
-# the decoder rebuilds a 64x64 window of their code map at a random offset (DQVAE.training_step), so
-# it decodes across tile borders as the codec's blending asks it to.
-DQVAE=(--model dqvae-small --data skimage:train --synthetic 448 --augment --crops-per-image 64 --batch-size 8 --crop 128
-  --lr 8e-4 --grad-clip 1.0 --log-every 50 --ckpt-every 250 --seed 0 --out "$WORK/dqvae-small")
+# The DQ-VAE, in three stages. 1: 64x64 tiles of the TRAIN photographs (the previously shipped model).
+# 2: from those weights (--init), the same data as the CAE with fewer dead-leaves images (a tokenizer
+# of photographs: 112 per epoch against 448 photo crops); 128x128 crops are 2x2 tiles of 64, each
+# coded on its own, and the decoder rebuilds a 64x64 window of their code map at a random offset
+# (DQVAE.training_step), so it decodes across tile borders as the codec's blending asks it to.
+# 3: the same with a budget drawn every step (train_budget=random: the router's own choice or an
+# exact fraction in [0, 1]), so budgets far from the router's 0.5 decode as well as it does.
+DQVAE=(--model dqvae-small --data skimage:train --synthetic 112 --augment --crops-per-image 64 --batch-size 8 --crop 128
+  --grad-clip 1.0 --log-every 50 --ckpt-every 250)
 if [[ $STAGE == all || $STAGE == dqvae ]]; then
-  "$PY" -m dqfast train dqvae "${DQVAE[@]}" --steps 7500
+  "$PY" -m dqfast train dqvae --model dqvae-small --out "$WORK/dqvae-small-tiles" --steps 5500 --lr 8e-4 "${COMMON[@]}"
+  "$PY" -m dqfast train dqvae "${DQVAE[@]}" --init "$WORK/dqvae-small-tiles" --out "$WORK/dqvae-small-windows" \
+    --steps 5000 --lr 4e-4 --lr-drop 4000 --seed 0
+  "$PY" -m dqfast train dqvae "${DQVAE[@]}" --init "$WORK/dqvae-small-windows" --out "$WORK/dqvae-small" \
+    --set train_budget=random --steps 2000 --lr 2e-4 --lr-drop 1500 --seed 1
 fi
 
 # Copies the named runs of WORK (all of them when none is named) into the package.

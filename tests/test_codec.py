@@ -442,6 +442,35 @@ def test_dq_tokens_round_trip_exactly(dq, size, budget):
         assert not torch.allclose(blended[:, near], decoded[:, near], atol=1e-3)
 
 
+def test_dq_blend_decodes_shifted_windows_with_their_tile_offsets(dq, monkeypatch):
+    """The half-tile-shifted windows are decoded with the position embedding of their cells' place
+    in the tiles (offset f/2), and every window's codes are the code map cut at that place."""
+    image = _image(80, 100, 9)  # 3 x 4 tiles of 32
+    data = encode(dq, image, budget=0.5, name="dqvae-tiny").data
+    header, streams = unpack(data)
+    indices, _ = decode_dq_tokens(header, streams, dq)
+    f = dq.latent_size
+    code_map = indices.reshape(3, 4, f, f).permute(0, 2, 1, 3).reshape(3 * f, 4 * f)
+    calls = []
+    original = type(dq).decode
+
+    def spy(self, tokens, *, offset=(0, 0)):
+        for window in tokens[0]:
+            hits = [
+                (r, c)
+                for r in range(0, 2 * f + 1, f // 2)
+                for c in range(0, 3 * f + 1, f // 2)
+                if torch.equal(window, code_map[r : r + f, c : c + f])
+            ]
+            assert any((r % f, c % f) == tuple(offset) for r, c in hits), (offset, hits)
+        calls.append(tuple(offset))
+        return original(self, tokens, offset=offset)
+
+    monkeypatch.setattr(type(dq), "decode", spy)
+    decompress_dq(data, dq, name="dqvae-tiny")
+    assert set(calls) == {(0, 0), (0, f // 2), (f // 2, 0), (f // 2, f // 2)}
+
+
 def test_dq_rate_grows_with_budget(dq):
     image = _image(64, 64, 7)
     sizes = [len(encode(dq, image, budget=b).data) for b in (0.0, 0.5, 1.0)]
