@@ -59,16 +59,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import c2f_attention as _c2f
 from .c2f_attention import (
-    _c2f_attention_bwd_dkdv_kernel,
-    _c2f_attention_bwd_dq_kernel,
-    _c2f_attention_bwd_preprocess_kernel,
-    _c2f_attention_fwd_kernel,
+    c2f_attention_bwd,
+    c2f_attention_fwd,
     c2f_decode_attention_fwd,
 )
 from .subpixel_conv import (
@@ -318,65 +314,6 @@ def _c2f_scale(q: Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def _c2f_fwd(q, k, v, seg_start, valid_end, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """``kernels.c2f_attention.c2f_attention_fwd`` with its launch through ``wrap_triton``
-    (that file's launchers launch their kernels directly)."""
-    B, H, L, Dh = q.shape
-    out = torch.empty_like(q)
-    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse
-
-    def grid(meta):
-        return (B * H, triton.cdiv(L, meta["BLOCK_M"]))
-
-    wrap_triton(_c2f_attention_fwd_kernel)[grid](
-        q, k, v, out, lse, seg_start, valid_end,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, L, valid_end.shape[1], Dh, scale * _c2f.LOG2E,
-        IS_CAUSAL=is_causal, DOT_PRECISION=_c2f._dot_precision(q.dtype), BLOCK_D=_c2f._block_d(Dh),
-    )  # fmt: skip
-    return out, lse
-
-
-def _c2f_bwd(do, q, k, v, out, lse, seg_start, valid_end, is_causal: bool, scale: float):
-    """``kernels.c2f_attention.c2f_attention_bwd`` with its launches through ``wrap_triton``."""
-    B, H, L, Dh = q.shape
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if dq.numel() == 0:
-        return dq, dk, dv
-    block_d = _c2f._block_d(Dh)
-    precision = _c2f._dot_precision(q.dtype)
-    S = valid_end.shape[1]
-
-    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    pre_block = 16 if _c2f._INTERPRET else 64
-    wrap_triton(_c2f_attention_bwd_preprocess_kernel)[(B * H, triton.cdiv(L, pre_block))](
-        out, do, delta, *out.stride(), *do.stride(), H, L, Dh, BLOCK_M=pre_block, BLOCK_D=block_d
-    )
-
-    def dq_grid(meta):
-        return (B * H, triton.cdiv(L, meta["BLOCK_M"]))
-
-    wrap_triton(_c2f_attention_bwd_dq_kernel)[dq_grid](
-        q, k, v, do, dq, lse, delta, seg_start, valid_end,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, L, S, Dh, scale, scale * _c2f.LOG2E,
-        IS_CAUSAL=is_causal, DOT_PRECISION=precision, BLOCK_D=block_d,
-    )  # fmt: skip
-
-    def dkdv_grid(meta):
-        return (B * H, triton.cdiv(L, meta["BLOCK_N"]))
-
-    wrap_triton(_c2f_attention_bwd_dkdv_kernel)[dkdv_grid](
-        q, k, v, do, dk, dv, lse, delta, seg_start, valid_end,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, L, S, Dh, scale, scale * _c2f.LOG2E,
-        IS_CAUSAL=is_causal, DOT_PRECISION=precision, BLOCK_D=block_d,
-    )  # fmt: skip
-    return dq, dk, dv
-
-
 @triton_op("dqfast::c2f_attention_triton", mutates_args=())
 def c2f_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, segment_sizes: list[int], lengths: Tensor, mode: str, scale: float | None
@@ -385,7 +322,9 @@ def c2f_attention_triton(
     as ``segment_sizes`` (S,), ``lengths`` (B, S) and ``mode`` ("causal" or "block").
     Returns (out (B, H, L, Dh) in q's dtype, lse (B, H, L) fp32, what the backward reads)."""
     seg_start, valid_end = _c2f_tables(segment_sizes, lengths, q.device)
-    return _c2f_fwd(q, k, v, seg_start, valid_end, mode == "causal", _c2f_scale(q, scale))
+    return c2f_attention_fwd(
+        q, k, v, seg_start, valid_end, mode == "causal", _c2f_scale(q, scale), wrap_triton=wrap_triton
+    )
 
 
 @triton_op("dqfast::c2f_attention_triton_backward", mutates_args=())
@@ -403,7 +342,8 @@ def c2f_attention_triton_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of :func:`c2f_attention_triton` for the gradient ``grad`` of ``out``."""
     seg_start, valid_end = _c2f_tables(segment_sizes, lengths, q.device)
-    return _c2f_bwd(grad, q, k, v, out, lse, seg_start, valid_end, mode == "causal", _c2f_scale(q, scale))
+    causal, scale = mode == "causal", _c2f_scale(q, scale)
+    return c2f_attention_bwd(grad, q, k, v, out, lse, seg_start, valid_end, causal, scale, wrap_triton=wrap_triton)
 
 
 def _c2f_setup(ctx, inputs, output) -> None:

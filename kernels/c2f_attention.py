@@ -859,6 +859,8 @@ def c2f_attention_fwd(
     valid_end: torch.Tensor,
     is_causal: bool,
     scale: float,
+    *,
+    wrap_triton=_direct,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked coarse-to-fine attention forward.
 
@@ -877,7 +879,7 @@ def c2f_attention_fwd(
     def grid(meta):
         return (B * H, triton.cdiv(L, meta["BLOCK_M"]))
 
-    _c2f_attention_fwd_kernel[grid](
+    wrap_triton(_c2f_attention_fwd_kernel)[grid](
         q, k, v, out, lse, seg_start, valid_end,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, L, valid_end.shape[1], Dh, scale * LOG2E,
@@ -897,6 +899,8 @@ def c2f_attention_bwd(
     valid_end: torch.Tensor,
     is_causal: bool,
     scale: float,
+    *,
+    wrap_triton=_direct,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv), each (B, H, L, Dh) in its input's dtype and layout.
 
@@ -913,14 +917,14 @@ def c2f_attention_bwd(
 
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     pre_block = 16 if _INTERPRET else 64
-    _c2f_attention_bwd_preprocess_kernel[(B * H, triton.cdiv(L, pre_block))](
+    wrap_triton(_c2f_attention_bwd_preprocess_kernel)[(B * H, triton.cdiv(L, pre_block))](
         out, do, delta, *out.stride(), *do.stride(), H, L, Dh, BLOCK_M=pre_block, BLOCK_D=block_d
     )
 
     def dq_grid(meta):
         return (B * H, triton.cdiv(L, meta["BLOCK_M"]))
 
-    _c2f_attention_bwd_dq_kernel[dq_grid](
+    wrap_triton(_c2f_attention_bwd_dq_kernel)[dq_grid](
         q, k, v, do, dq, lse, delta, seg_start, valid_end,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, L, S, Dh, scale, scale * LOG2E,
@@ -930,7 +934,7 @@ def c2f_attention_bwd(
     def dkdv_grid(meta):
         return (B * H, triton.cdiv(L, meta["BLOCK_N"]))
 
-    _c2f_attention_bwd_dkdv_kernel[dkdv_grid](
+    wrap_triton(_c2f_attention_bwd_dkdv_kernel)[dkdv_grid](
         q, k, v, do, dk, dv, lse, delta, seg_start, valid_end,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, L, S, Dh, scale, scale * LOG2E,
