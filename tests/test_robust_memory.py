@@ -74,7 +74,7 @@ def test_streamed_png_equals_the_decoded_image(tmp_path, capsys, gray):
 _CONSTANT_DECODER = """
 import sys, torch
 import dqfast.models.dqvae as D
-D.DQVAE.decode = lambda self, tokens: torch.full((tokens[0].shape[0], 3, self.resolution, self.resolution), 0.5)
+D.DQVAE.decode = lambda self, tokens, **_: torch.full((tokens[0].shape[0], 3, self.resolution, self.resolution), 0.5)
 from dqfast.codec.cli import main
 code = main(sys.argv[1:])
 # VmHWM: the peak of this program; ru_maxrss would include the forking parent's size before exec.

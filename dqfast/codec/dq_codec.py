@@ -38,7 +38,6 @@ step per code at both ends, with bit-exact probabilities across machines; it is 
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterator, Sequence
 
@@ -308,17 +307,14 @@ def _bands(model: nn.Module, indices: torch.Tensor, image_size: tuple[int, int],
     blend = blend and f % 2 == 0 and (f // 2) % region == 0 and R % 2 == 0 and (nh > 1 or nw > 1)
     device = model.codebook.device
 
-    offsets = "offset" in inspect.signature(model.decode).parameters
-
     def decode_tiles(latent: torch.Tensor, offset: tuple[int, int]) -> torch.Tensor:
         """latent (n, f, f) code windows whose top-left cells lie at ``offset`` in their tiles ->
         (n, 3, R, R) float32 CPU images."""
         out = []
-        kwargs = {"offset": offset} if offsets else {}
         with torch.no_grad():
             for chunk in latent.split(TILE_BATCH):
                 grain = torch.zeros(chunk.shape[0], 1, 1, dtype=torch.int64)  # decode() reads the indices only
-                out.append(model.decode((chunk.to(device), grain, grain[:, 0, 0]), **kwargs).float().cpu())
+                out.append(model.decode((chunk.to(device), grain, grain[:, 0, 0]), offset=offset).float().cpu())
         return torch.cat(out)
 
     def strip(r0: int) -> torch.Tensor:
