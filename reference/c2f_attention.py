@@ -264,9 +264,11 @@ def c2f_attention(
     Returns (B, Hh, L, Dh): ``out[b, h, i] = sum_j softmax_j(scale * q[b,h,i] . k[b,h,j]) v[b,h,j]``
     over the keys j allowed by ``layout.dense_mask()[b, i]``; pad queries return exactly 0 (and
     receive zero gradient). Values held at pad positions (q, k or v, NaN and inf included) never
-    reach an output or a gradient; pad keys receive zero dk and dv. ``scale`` defaults to
-    Dh ** -0.5. Computed in float32 (float64 stays float64), returned in q's dtype; differentiable
-    by autograd.
+    reach an output or a gradient; pad keys receive zero dk and dv. The output gradient of a pad
+    query meets only zero weights: a finite one contributes nothing, a NaN or inf one is carried
+    on as 0 * NaN like any product in PyTorch (and in SDPA with a fully masked row); backends
+    may drop it instead. ``scale`` defaults to Dh ** -0.5. Computed in float32 (float64 stays
+    float64), returned in q's dtype; differentiable by autograd.
     """
     layout = layout.to(q.device)
     allowed = layout.dense_mask()

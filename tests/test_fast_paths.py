@@ -105,15 +105,24 @@ def qkv(B, Hh, L, Dh, dtype=torch.float32):
 
 
 # The dense path (cached additive mask, L <= DENSE_MAX_LEN) and the packed path, both with and
-# without autograd: every layout here is short, so DENSE_MAX_LEN = 0 forces the packed path.
-BOTH_PATHS = pytest.mark.parametrize("dense_max_len", [0, 10_000], ids=["packed", "dense"])
+# without autograd: every layout here is short, so DENSE_MAX_LEN = 0 forces the packed path. The
+# dense path closes the pad query rows where SDPA zeroes such rows (PyTorch's CPU kernels do), and
+# otherwise leaves them open and zeroes the output after: "dense_open_rows" forces the latter.
+@pytest.fixture(params=["packed", "dense", "dense_open_rows"])
+def attention_path(request, monkeypatch):
+    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", 0 if request.param == "packed" else 10_000)
+    if request.param == "dense_open_rows":
+        monkeypatch.setattr(fast_attn, "_closes_empty_rows", lambda device, dtype: False)
+    return request.param
+
+
+BOTH_PATHS = pytest.mark.usefixtures("attention_path")
 
 
 @BOTH_PATHS
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("scale", [None, 0.3])
-def test_attention_fp32_against_float64_reference(name, scale, dense_max_len, monkeypatch):
-    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", dense_max_len)
+def test_attention_fp32_against_float64_reference(name, scale):
     seed(1)
     layout = make_layout(name)
     q, k, v = qkv(layout.batch_size, 3, layout.seq_len, 5)
@@ -128,13 +137,12 @@ def test_attention_fp32_against_float64_reference(name, scale, dense_max_len, mo
     assert (out.detach().permute(0, 2, 1, 3)[pad_queries] == 0).all()
 
 
-@pytest.mark.parametrize("dense_max_len", [0, 10_000])
+@BOTH_PATHS
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_attention_inference_paths(name, dense_max_len, monkeypatch):
+def test_attention_inference_paths(name):
     """Without autograd, short sequences take the dense path (cached additive mask); both paths
     must give the reference's result, also with NaN/inf in the pads."""
     seed(11)
-    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", dense_max_len)
     layout = make_layout(name)
     q, k, v = (t.detach() for t in qkv(layout.batch_size, 2, layout.seq_len, 6))
     exact = ref_attn.c2f_attention(*as64(q, k, v), layout)
@@ -153,8 +161,7 @@ def test_attention_inference_paths(name, dense_max_len, monkeypatch):
 
 @BOTH_PATHS
 @pytest.mark.parametrize("name", ["causal_empty", "block_var"])
-def test_attention_noncontiguous_inputs(name, dense_max_len, monkeypatch):
-    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", dense_max_len)
+def test_attention_noncontiguous_inputs(name):
     seed(2)
     layout = make_layout(name)
     q, k, v = qkv(layout.batch_size, 2, layout.seq_len, 6)
@@ -191,8 +198,7 @@ def test_attention_half_three_way(name, dtype):
 @BOTH_PATHS
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("name", ["causal_empty", "block_var"])
-def test_attention_non_finite_pads_never_leak(name, bad, dense_max_len, monkeypatch):
-    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", dense_max_len)
+def test_attention_non_finite_pads_never_leak(name, bad):
     seed(4)
     layout = make_layout(name)
     q, k, v = qkv(layout.batch_size, 2, layout.seq_len, 4)
@@ -200,7 +206,9 @@ def test_attention_non_finite_pads_never_leak(name, bad, dense_max_len, monkeypa
     assert pads.any()
     dirty = [torch.where(pads, bad, t.detach()).requires_grad_() for t in (q, k, v)]
     clean = [torch.where(pads, 0.0, t.detach()).requires_grad_() for t in (q, k, v)]
-    g = torch.where(pads, bad, randn(*q.shape))  # the pad rows' output gradient is ignored too
+    # A finite output gradient at pad rows contributes nothing (compared below with zeros there);
+    # a non-finite one is carried on as in the reference (see the module docstring).
+    g = randn(*q.shape)
     out_dirty = fast_attn.c2f_attention(*dirty, layout)
     out_clean = ref_attn.c2f_attention(*clean, layout)
     assert torch.isfinite(out_dirty).all()
@@ -212,30 +220,68 @@ def test_attention_non_finite_pads_never_leak(name, bad, dense_max_len, monkeypa
         torch.testing.assert_close(got, want, **FP32_TOL)
 
 
+@BOTH_PATHS
+@pytest.mark.parametrize("which", ["key", "query"])
 @pytest.mark.parametrize("name", ["causal_dq", "block_var"])
-def test_attention_infinite_pad_key_with_finite_output_never_leaks(name):
-    """The dense path's blind spot: a pad key of -inf whose scores are -inf for every query that
-    sees it leaves the forward finite, yet dQ = dS @ K would be 0 * inf = NaN; the key check sends
-    the call to the packed path."""
+def test_attention_infinite_pad_with_finite_output_never_leaks(name, which):
+    """The dense path's blind spot: an infinite pad key (or query) whose scores are all -inf leaves
+    the forward finite, yet dQ = dS @ K (dK = dS^T @ Q) would hold 0 * inf = NaN; the check of q
+    and k sends the call to the packed path."""
     seed(36)
     layout = make_layout(name)
-    q, k, v = qkv(layout.batch_size, 2, layout.seq_len, 4)
+    q, k, v = (t.detach() for t in qkv(layout.batch_size, 2, layout.seq_len, 4))
     pads = (~layout.key_valid())[:, None, :, None].expand_as(q)
     first = torch.zeros_like(pads)
     first[..., 0] = True
-    # Every query positive in dimension 0 and the pad keys -inf there only: every score against a
-    # pad key is -inf (none NaN), so nothing non-finite reaches the forward output.
-    q_pos = torch.where(first, q.detach().abs() + 0.1, q.detach())
-    q_dirty = q_pos.clone().requires_grad_()
-    k_dirty = torch.where(pads & first, -math.inf, k.detach()).requires_grad_()
-    clean = [torch.where(pads, 0.0, t).requires_grad_() for t in (q_pos, k.detach())]
-    out = fast_attn.c2f_attention(q_dirty, k_dirty, v, layout)
-    want = ref_attn.c2f_attention(clean[0], clean[1], v, layout)
+    # Key: every query positive in dimension 0 and the pad keys -inf there only. Query: every key
+    # negative in dimension 0 and the pad queries +inf there only. Either way every score of a pad
+    # is -inf (none NaN), so nothing non-finite reaches the forward output.
+    if which == "key":
+        q = torch.where(first, q.abs() + 0.1, q)
+        dirty = [q, torch.where(pads & first, -math.inf, k), v]
+    else:
+        k = torch.where(first, -k.abs() - 0.1, k)
+        dirty = [torch.where(pads & first, math.inf, q), k, v]
+    dirty = [t.clone().requires_grad_() for t in dirty]
+    clean = [torch.where(pads, 0.0, t).requires_grad_() for t in (q, k, v)]
+    out = fast_attn.c2f_attention(*dirty, layout)
+    want = ref_attn.c2f_attention(*clean, layout)
     torch.testing.assert_close(out, want, **FP32_TOL)
     g = randn(*q.shape)
-    for got, w in zip(grads(out, (q_dirty, k_dirty, v), g), grads(want, (*clean, v), g)):
+    for got, w in zip(grads(out, dirty, g), grads(want, clean, g)):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, w, **FP32_TOL)
+
+
+@pytest.mark.parametrize("mode", ["causal", "block"])
+def test_attention_dense_path_reads_only_the_keys_in_use(mode, monkeypatch):
+    """fp32 on CPU: when every key past a multiple of KEY_BLOCK is a pad in every sample, the dense
+    path hands SDPA only the keys up to it (views). Exact, NaN in the cut-off pads included."""
+    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", 10_000)
+    seed(41)
+    # L = 12 + 29 = 41; the last real position is 12 + 16 - 1 = 27, so 32 keys are read.
+    layout = C2FLayout((12, 29), torch.tensor([[7, 16], [12, 9], [3, 0]]), mode)
+    dense = fast_attn._dense_tables(layout, torch.device("cpu"), torch.float32)
+    assert dense.keys == 32 and dense.mask.shape == (3, 1, 41, 32)
+    assert "the first 32 keys" in fast_attn.c2f_attention_detail(*qkv(3, 1, 41, 4), layout)
+    assert fast_attn._dense_tables(layout, torch.device("cpu"), torch.float64).keys == 41
+    q, k, v = (t.detach() for t in qkv(3, 2, 41, 8))
+    pads = (~layout.key_valid())[:, None, :, None].expand_as(q)
+    for dtype in (torch.float32, torch.float64):
+        clean = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        dirty = [torch.where(pads, math.nan, t.detach()).requires_grad_() for t in clean]
+        g = randn(*q.shape, dtype=dtype)
+        want = ref_attn.c2f_attention(*clean, layout)
+        want_grads = grads(want, clean, g)
+        for inputs in (clean, dirty):
+            out = fast_attn.c2f_attention(*inputs, layout)
+            assert out.dtype == dtype
+            torch.testing.assert_close(out, want, **FP32_TOL)
+            for got, w in zip(grads(out, inputs, g), want_grads):
+                assert torch.isfinite(got).all()
+                torch.testing.assert_close(got, w, **FP32_TOL)
+            with torch.no_grad():
+                torch.testing.assert_close(fast_attn.c2f_attention(*inputs, layout), want, **FP32_TOL)
 
 
 def test_attention_tables_built_once_per_layout(monkeypatch):
@@ -261,12 +307,11 @@ def test_attention_tables_built_once_per_layout(monkeypatch):
 
 
 @BOTH_PATHS
-def test_attention_tables_built_in_inference_mode_serve_autograd(dense_max_len, monkeypatch):
+def test_attention_tables_built_in_inference_mode_serve_autograd():
     seed(35)
     layout = make_layout("block_var")
     q, k, v = qkv(2, 2, layout.seq_len, 4)
     # The packing (or the dense mask) is built here, in inference mode.
-    monkeypatch.setattr(fast_attn, "DENSE_MAX_LEN", dense_max_len)
     with torch.inference_mode():
         fast_attn.c2f_attention(q.detach(), k.detach(), v.detach(), layout)
     g = randn(*q.shape)

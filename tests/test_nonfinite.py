@@ -97,6 +97,42 @@ def test_c2f_attention_pads_never_reach_outputs_or_gradients(path, mode, fill):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["key", "query"])
+def test_c2f_attention_infinite_pad_whose_scores_are_all_minus_inf(path, which):
+    """An infinite pad that leaves every forward value finite: a pad key of -inf (or a pad query of
+    +inf) in one dimension where every query (key) is positive (negative), so each of its scores
+    is -inf, never NaN. Its weights are 0, but dQ = dS @ K and dK = dS^T @ Q would hold 0 * inf."""
+    device = _device(path)
+    torch.manual_seed(2)
+    layout = _layout("causal", device)
+    B, Hh, L, Dh = 2, 2, layout.seq_len, 16
+    pad = ~layout.key_valid()[:, None, :, None].expand(B, Hh, L, Dh)
+    first = torch.zeros_like(pad)
+    first[..., 0] = True
+    q, k, v = (torch.randn(B, Hh, L, Dh, device=device).masked_fill(pad, 0.0) for _ in range(3))
+    if which == "key":
+        q = torch.where(first & ~pad, q.abs() + 0.1, q)
+        dirty = [q, k.masked_fill(pad & first, -math.inf), v]
+    else:
+        k = torch.where(first & ~pad, -k.abs() - 0.1, k)
+        dirty = [q.masked_fill(pad & first, math.inf), k, v]
+    _backends("c2f_attention", *dirty, layout)
+    grad_out = torch.randn(B, Hh, L, Dh, device=device)
+
+    def run(tensors):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        out = dqfast.c2f_attention(*leaves, layout)
+        out.backward(grad_out)
+        return out, [t.grad for t in leaves]
+
+    out, grads = run(dirty)
+    want, want_grads = run([q, k, v])
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for name, g, w in zip("qkv", grads, want_grads):
+        assert torch.isfinite(g).all(), f"d{name} has non-finite values"
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("fill", FILLS)
 def test_c2f_decode_attention_ignores_invalid_cache_slots(path, fill):
     device = _device(path)

@@ -16,10 +16,16 @@ slots zeroed with ``torch.where``. So NaN/inf in a pad query, key or value reach
 output nor a gradient.
 
 Short sequences (L <= ``DENSE_MAX_LEN``) skip the packing, whose gathers cost more than they save
-there: one SDPA call with the layout's cached additive mask (pad query rows open, their outputs
-zeroed after), sent to the packed path only when a non-finite pad could reach an output or a
-gradient (without autograd: the output is not finite; with autograd: the raw output or the keys
-are not finite).
+there: one SDPA call with the layout's cached additive mask. The rows of pad queries are closed
+(no allowed key), which SDPA answers with exact zeros and zero gradients on CPU (checked once per
+device and dtype by :func:`_closes_empty_rows`; where it does not, the rows are left open and the
+output zeroed after with ``masked_fill``). A non-finite pad still reaches SDPA there, so the call
+goes to the packed path when it could show: without autograd, when the output is not finite; with
+autograd, when ``q + k * out`` is not (a NaN/inf pad value or a NaN pad query shows in the output;
+an infinite pad key or query whose scores are all -inf leaves the forward finite but puts
+0 * inf in dQ or dK). The output gradient of a pad row meets only zero weights: a finite one
+contributes nothing, a NaN or inf one is carried on as in the reference (the packed path and the
+open rows happen to drop it).
 
 The packing indices and masks depend only on the layout, so they are computed once per layout
 object (and device) and cached for as long as the layout lives: the layers of a model share them.
@@ -125,24 +131,79 @@ def _zeros_from(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.zeros((), dtype=torch.bool, device=x.device), x, 0)
 
 
-# Inference on sequences up to this length takes the dense path: per-call overhead dominates
-# there, and one SDPA call with a cached additive mask beats packing's gathers.
+# Sequences up to this length take the dense path: per-call overhead dominates there, and one SDPA
+# call with a cached additive mask beats packing's gathers.
 DENSE_MAX_LEN = 128
+_DENSE_DTYPES = (torch.float32, torch.float64)
+
+# PyTorch's CPU flash-attention kernel runs fastest when the number of keys is a multiple of 16 in
+# float32 (measured on the 2-core AVX-512 Xeon, B=2, Hh=2, Lq=41, Dh=32, one thread: 17 us forward
+# at 32 keys, 26 at 24, 29 at 40, 20 at 48; float64 shows no such steps). When every key past
+# such a multiple is a pad in every sample (a DQ layout rarely fills its last segment), the dense
+# path reads only the keys up to it: views of k and v, exact since those keys are masked anyway.
+KEY_BLOCK = {torch.float32: 16}
 
 
-def _dense_mask(
-    layout: C2FLayout, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(additive mask (B, 1, L, L), query_valid (B, 1, L, 1) 1/0, both in ``dtype``; query_pad
-    (B, 1, L, 1) bool, its complement), cached per layout.
+class _Dense(NamedTuple):
+    """Per-layout tables of the dense path, on one device and in one dtype.
 
-    The mask is 0 where query i may attend to key j, -inf elsewhere; rows of pad queries are all 0
-    (their outputs are zeroed afterwards), so SDPA never meets a fully masked row.
+    mask: (B, 1, L, keys) additive, 0 where query i may attend to key j, -inf elsewhere.
+    keys: how many leading key positions SDPA reads (see :data:`KEY_BLOCK`); later ones are pads
+        in every sample.
+    closed: the rows of pad queries are all -inf (SDPA returns 0 for them); otherwise they are all
+        0 and the output rows are zeroed after.
+    query_pad: (B, 1, L, 1) bool, query i of sample b is a pad.
+    query_valid: (B, 1, L, 1) 1/0 in the mask's dtype, its complement.
     """
+
+    mask: torch.Tensor
+    keys: int
+    closed: bool
+    query_pad: torch.Tensor
+    query_valid: torch.Tensor
+
+
+# (device, dtype) -> whether SDPA there returns exact zeros (and zero gradients) for closed rows.
+_CLOSED_ROWS: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def _closes_empty_rows(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether SDPA on ``device`` in ``dtype`` answers a query row with no allowed key with exact
+    zeros, finite values elsewhere, and gradients that are exactly zero through that row.
+
+    Probed once with a 128-long causal layout whose position 1 is a pad (PyTorch's CPU
+    kernels do this; a kernel that replaces -inf with a large finite number would average the
+    values instead, one without the special case would return NaN).
+    """
+    key = (device, dtype)
+    if key not in _CLOSED_ROWS:
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                gen = torch.Generator().manual_seed(0)
+                L = 128
+                q, k, v, g = (torch.randn(1, 2, L, 8, generator=gen).to(device, dtype) for _ in range(4))
+                q, k, v = (t.requires_grad_() for t in (q, k, v))
+                pos = torch.arange(L, device=device)
+                real = pos != 1
+                allowed = (pos[None, :] <= pos[:, None]) & real[None, :] & real[:, None]
+                mask = torch.zeros(L, L, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+                closed_ok = all(bool((t[:, :, 1] == 0).all()) for t in (out, dq, dk, dv))
+                finite = all(bool(torch.isfinite(t).all()) for t in (out, dq, dk, dv))
+            _CLOSED_ROWS[key] = closed_ok and finite
+        except RuntimeError:
+            _CLOSED_ROWS[key] = False
+    return _CLOSED_ROWS[key]
+
+
+def _dense_tables(layout: C2FLayout, device: torch.device, dtype: torch.dtype) -> _Dense:
+    """The dense path's tables (see :class:`_Dense`), cached per layout."""
     per_layout = _PACKINGS.get(layout)
     key = ("dense", device, dtype, layout.lengths._version)
     if per_layout is not None and key in per_layout:
         return per_layout[key]
+    closed = _closes_empty_rows(device, dtype)
     # Normal tensors even when built in inference mode: an autograd-recorded SDPA saves the mask.
     with torch.inference_mode(False):
         valid = _key_valid(layout, layout.lengths.to(device))
@@ -153,13 +214,31 @@ def _dense_mask(
         else:
             seg = layout.segment_ids(device)
             order = seg[None, :] <= seg[:, None]
-        allowed = (valid[:, None, :] & order) | ~valid[:, :, None]
+        allowed = valid[:, None, :] & order
+        # Pad query rows: closed (no key), or open (every key) where SDPA does not zero closed rows.
+        allowed = allowed & valid[:, :, None] if closed else allowed | ~valid[:, :, None]
+        keys = L
+        block = KEY_BLOCK.get(dtype) if device.type == "cpu" else None
+        if block and L:
+            used = valid.any(0).nonzero()
+            if used.numel():
+                keys = min(L, -(-(int(used[-1]) + 1) // block) * block)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)
-        entry = (mask[:, None], valid[:, None, :, None].to(dtype), ~valid[:, None, :, None])
+        mask = mask[:, None, :, :keys].contiguous()
+        entry = _Dense(mask, keys, closed, ~valid[:, None, :, None], valid[:, None, :, None].to(dtype))
     if per_layout is None:
         per_layout = _PACKINGS[layout] = {}
     per_layout[key] = entry
     return entry
+
+
+def _finite_for_autograd(q: torch.Tensor, k: torch.Tensor, raw: torch.Tensor) -> bool:
+    """Whether q, k and SDPA's raw output are all finite (one fused product and one sum: the sum
+    is non-finite whenever one term is, and, harmlessly, when it overflows)."""
+    q, k, raw = q.detach(), k.detach(), raw.detach()  # (cheaper than a no_grad block)
+    if q.shape == k.shape == raw.shape:
+        return math.isfinite(torch.addcmul(q, k, raw).sum().item())
+    return math.isfinite((q.sum() + k.sum() + raw.sum()).item())
 
 
 def _pack(x: torch.Tensor, packing: _Packing) -> torch.Tensor:
@@ -183,26 +262,21 @@ def c2f_attention(
     B, Hh, L, Dh = q.shape
     if q.numel() == 0:
         return q * 0
-    recording = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if L <= DENSE_MAX_LEN and q.dtype in (torch.float32, torch.float64):
-        mask, query_valid, query_pad = _dense_mask(layout, q.device, q.dtype)
-        if not recording:
-            # A non-finite pad key or value reaches real rows and a non-finite pad query its own
-            # row (0 * NaN is NaN): either way the output is not finite, and the call goes to the
-            # packed path, which never reads a pad.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).mul_(query_valid)
-            if math.isfinite(out.sum().item()):
-                return out
-        else:
-            # With autograd, the dense path is exact in values and gradients when every pad is
-            # finite: a masked pair has weight exactly 0 and gets a zero gradient. The raw output
-            # (pad rows open, so a NaN/inf pad query, or a non-finite pad value, shows there) and
-            # the keys (an infinite masked key would turn dQ = dS @ K into 0 * inf) are checked;
-            # masked_fill (not a product) zeroes the pad rows, so a non-finite output gradient
-            # of a pad row is dropped in the backward too. Otherwise the packed path runs.
-            raw = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-            if math.isfinite((raw.detach().sum() + k.detach().sum()).item()):
-                return raw.masked_fill(query_pad, 0)
+    if L <= DENSE_MAX_LEN and q.dtype in _DENSE_DTYPES:
+        dense = _dense_tables(layout, q.device, q.dtype)
+        kd, vd = (k, v) if dense.keys == L else (k[:, :, : dense.keys], v[:, :, : dense.keys])
+        raw = F.scaled_dot_product_attention(q, kd, vd, attn_mask=dense.mask, scale=scale)
+        if raw.grad_fn is None:
+            # No autograd: every non-finite pad that could change an output shows in it.
+            if not dense.closed:
+                raw.mul_(dense.query_valid)
+            if math.isfinite(raw.sum().item()):
+                return raw
+        elif _finite_for_autograd(q, k, raw):
+            if not dense.closed:
+                # masked_fill (not a product): its backward drops a non-finite pad-row gradient.
+                return raw.masked_fill(dense.query_pad, 0)
+            return raw
     packing = _packing(layout, q.device)
     qp, kp, vp = (_pack(t, packing) for t in (q, k, v))
     if q.dtype not in (torch.float32, torch.float64):
@@ -296,10 +370,13 @@ def c2f_decode_attention_reasons(q, k_cache, v_cache, key_valid, *, scale=None) 
 def c2f_attention_detail(q, k, v, layout, *, scale=None) -> str:
     """Which method serves the call (:func:`dqfast.describe` shows it)."""
     L = q.shape[2]
-    if L <= DENSE_MAX_LEN and q.dtype in (torch.float32, torch.float64):
+    if L <= DENSE_MAX_LEN and q.dtype in _DENSE_DTYPES:
+        dense = _dense_tables(layout, q.device, q.dtype)
+        rows = "closed" if dense.closed else "open, zeroed after"
+        keys = f", the first {dense.keys} keys (the rest are pads)" if dense.keys < L else ""
         return (
             f"dense: one SDPA call with the layout's cached additive mask (L = {L} <= DENSE_MAX_LEN = "
-            f"{DENSE_MAX_LEN}); packed instead when a pad is not finite"
+            f"{DENSE_MAX_LEN}; pad query rows {rows}{keys}); packed instead when a pad is not finite"
         )
     why = f"L = {L} > DENSE_MAX_LEN = {DENSE_MAX_LEN}" if L > DENSE_MAX_LEN else f"{q.dtype} attended in float32"
     return f"packed: SDPA over the real tokens only ({why})"
