@@ -134,24 +134,34 @@ def measure(
     return result
 
 
-def side_by_side(fn: Callable[[], object], peer: Callable[[], object], *, rounds: int = 5) -> dict:
+def side_by_side(
+    fn: Callable[[], object], peer: Callable[[], object], *, rounds: int | None = None, budget_s: float = 0.25
+) -> dict:
     """Time ``fn`` and its plain-torch ``peer`` alternately (same load for both) and compare.
 
     Returns ``{"seconds": ..., "peer_seconds": ..., "ratio_vs_peer": peer / fn}``, each the
     minimum over ``rounds`` alternating calls after one warm-up call of each: a ratio above 1 means
-    ``fn`` is faster. Recorded in ``extra_info`` of the fast provider's case so every CPU case
-    states its ratio against the peer measured in the same run.
+    ``fn`` is faster. ``rounds=None`` fits the rounds into about ``budget_s`` seconds (5 to 200:
+    a tenth-of-a-millisecond call gets enough rounds for its minimum to settle, a slow one 5).
+    Recorded in ``extra_info`` of the fast provider's case so every CPU case states its ratio
+    against the peer measured in the same run.
     """
     import time
 
     best = {"fn": float("inf"), "peer": float("inf")}
-    for i in range(rounds + 1):
+    i = 0
+    while True:
         for name, f in (("fn", fn), ("peer", peer)) if i % 2 else (("peer", peer), ("fn", fn)):
             start = time.perf_counter()
             f()
             sync()
             if i:
                 best[name] = min(best[name], time.perf_counter() - start)
+        if i == 1 and rounds is None:
+            rounds = max(5, min(200, int(budget_s / (best["fn"] + best["peer"]))))
+        if i >= 1 and i >= rounds:
+            break
+        i += 1
     return {
         "side_by_side_seconds": best["fn"],
         "peer_seconds": best["peer"],
