@@ -75,20 +75,27 @@ def encode(
     quality: float | None = None,
     name: str | None = None,
     source_channels: int = 3,
+    prior: nn.Module | None = None,
+    prior_name: str | None = None,
 ) -> Compressed:
     """Compress ``image`` (3, H, W) in [0, 1] with ``model``'s codec.
 
     ``budget`` (DQ-VAE: fraction of fine regions) and ``quality`` (CAE: scale multiplier) are the
-    rate settings; passing the one the model does not use is an error.
+    rate settings; passing the one the model does not use is an error. ``prior`` (DQ-VAE only): a
+    DQ-Transformer to code the codes with (see :mod:`dqfast.codec.dq_codec`), named ``prior_name``.
     """
     kind = codec_kind(model)
     if kind == "cae":
         if budget is not None:
             raise ValueError("budget applies to the DQ-VAE; a CAE takes quality")
+        if prior is not None:
+            raise ValueError("prior applies to the DQ-VAE")
         return encode_cae(model, image, quality=quality, name=name, source_channels=source_channels)
     if quality is not None:
         raise ValueError("quality applies to the CAE; a DQ-VAE takes budget")
-    return encode_dq(model, image, budget=budget, name=name, source_channels=source_channels)
+    return encode_dq(
+        model, image, budget=budget, name=name, source_channels=source_channels, prior=prior, prior_name=prior_name
+    )
 
 
 def read_header(data: bytes) -> Header:
@@ -96,9 +103,17 @@ def read_header(data: bytes) -> Header:
     return unpack(data)[0]
 
 
-def decode(data: bytes, model: nn.Module, *, name: str | None = None) -> tuple[torch.Tensor, Header]:
-    """Decompress a dqfast file with ``model`` -> (image (3, H, W) in [0, 1], header)."""
+def decode(
+    data: bytes,
+    model: nn.Module,
+    *,
+    name: str | None = None,
+    prior: nn.Module | None = None,
+    prior_name: str | None = None,
+) -> tuple[torch.Tensor, Header]:
+    """Decompress a dqfast file with ``model`` (and the ``prior`` its DQ-VAE codes were coded with,
+    if any) -> (image (3, H, W) in [0, 1], header)."""
     header = read_header(data)
     if header.kind == "cae":
         return decompress_cae(data, model, name=name), header
-    return decompress_dq(data, model, name=name), header
+    return decompress_dq(data, model, name=name, prior=prior, prior_name=prior_name), header

@@ -138,6 +138,19 @@ def load_model(spec: str, device: torch.device | str = "cpu", *, allow_folder: b
     return model.to(device).eval(), spec
 
 
+def _load_prior(spec: str, model: nn.Module, device, *, allow_folder: bool = True) -> dict:
+    """``{"prior": DQ-Transformer, "prior_name": name}`` for the codec, checked against the DQ-VAE ``model``."""
+    import dqfast.models.dqtransformer  # noqa: F401  (registers the presets)
+    from dqfast.codec.dq_codec import check_prior
+
+    prior, prior_name = load_model(spec, device, allow_folder=allow_folder)
+    try:
+        check_prior(model, prior)
+    except ValueError as e:
+        raise CommandError(f"--prior {spec!r}: {e}") from None
+    return {"prior": prior, "prior_name": prior_name}
+
+
 def _png_bit_depth(path: str | os.PathLike) -> int | None:
     """The bit depth in a PNG's IHDR chunk (Pillow opens 16-bit RGB(A) PNGs as 8-bit RGB(A))."""
     with open(path, "rb") as f:
@@ -418,6 +431,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise CommandError(f"--budget applies to DQ-VAE models; {name!r} is a CAE (use --quality)")
     if kind == "dqvae" and args.quality is not None:
         raise CommandError(f"--quality applies to CAE models; {name!r} is a DQ-VAE (use --budget)")
+    prior = {}
+    if args.prior is not None:
+        if kind != "dqvae":
+            raise CommandError(f"--prior applies to DQ-VAE models; {name!r} is a CAE")
+        prior = _load_prior(args.prior, model, device)
     # The variable-rate CAE reads the image a band at a time: a PNG is decoded as the bands are
     # read (Pillow would hold a 12000 x 12000 RGB image whole, at 4 bytes a pixel: 576 MB).
     image = PngRows.open(inp) if regular and _banded(model) else None
@@ -428,7 +446,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         image = pillow_image if kind == "dqvae" or _banded(model) else _image_tensor(pillow_image, channels)
     start = time.perf_counter()
     with image if isinstance(image, PngRows) else contextlib.nullcontext():
-        result = encode(model, image, budget=args.budget, quality=args.quality, name=name, source_channels=channels)
+        result = encode(
+            model, image, budget=args.budget, quality=args.quality, name=name, source_channels=channels, **prior
+        )
     _synchronize(device)
     seconds = time.perf_counter() - start
     write_atomic(args.output, lambda f: f.write(result.data), overwrite=args.force)
@@ -458,9 +478,12 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     with pixel_limit(args.max_pixels):
         header, _ = unpack(data)
     device = resolve_device(args.device)
+    from dqfast.codec.dq_codec import prior_name_of
+
+    named_prior = prior_name_of(header)
     if args.model is None:
         try:
-            model, name = load_model(header.model_name, device, allow_folder=False)
+            model, name = load_model(header.model_name.split("+", 1)[0], device, allow_folder=False)
         except CommandError as e:
             raise CommandError(
                 f"{inp} was made with model {header.model_name!r}, which is not a preset with shipped weights here; "
@@ -471,6 +494,20 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     kind = codec_kind(model)
     if kind != header.kind:
         raise CommandError(f"wrong model: {inp} is a {header.kind} file but model {name!r} is a {kind}")
+    prior = {}
+    if args.prior is not None and named_prior is None:
+        raise CommandError(f"{inp} was coded without a prior; drop --prior")
+    if named_prior is not None:
+        if args.prior is None:
+            try:
+                prior = _load_prior(named_prior, model, device, allow_folder=False)
+            except CommandError as e:
+                raise CommandError(
+                    f"{inp} was coded with the prior {named_prior!r}, which is not a preset with shipped weights "
+                    "here; pass --prior with the preset or training folder it was made with"
+                ) from e
+        else:
+            prior = _load_prior(args.prior, model, device)
     start = time.perf_counter()
     if kind == "dqvae" or _banded(model):
         # Band by band from the decoder into the PNG: memory stays at a few bands of the image.
@@ -478,8 +515,10 @@ def cmd_decompress(args: argparse.Namespace) -> int:
         from dqfast.codec.dq_codec import decode_dq_bands
 
         with pixel_limit(args.max_pixels):
-            decode_bands = decode_dq_bands if kind == "dqvae" else decode_hyper_bands
-            header, bands = decode_bands(data, model, name=name)
+            if kind == "dqvae":
+                header, bands = decode_dq_bands(data, model, name=name, **prior)
+            else:
+                header, bands = decode_hyper_bands(data, model, name=name)
         H, W = header.image_size
         write_atomic(args.output, lambda f: write_png(f, bands, H, W, gray=header.channels == 1), overwrite=args.force)
     else:
@@ -632,6 +671,13 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
         type=_quality,
         help=f"CAE: quantisation scale multiplier, in (0, {MAX_QUALITY:g}] (default 1, the trained rate)",
     )
+    p.add_argument(
+        "--prior",
+        default=None,
+        help="DQ-VAE: code the codes with this DQ-Transformer preset or training folder as the entropy model "
+        "(e.g. dqtransformer-small for dqvae-small): smaller files, one network step per code at both ends; "
+        "the file decodes on the machine and software that made it",
+    )
     p.add_argument("--device", **device)
     p.add_argument("--max-pixels", **limit)
     p.add_argument("--force", **force)
@@ -646,6 +692,11 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--model", default=None, help="model preset or training folder (default: the preset named in the file)"
+    )
+    p.add_argument(
+        "--prior",
+        default=None,
+        help="the DQ-Transformer the codes were coded with (default: the preset named in the file, if any)",
     )
     p.add_argument("--device", **device)
     p.add_argument("--max-pixels", **limit)

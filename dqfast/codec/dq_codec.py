@@ -32,15 +32,28 @@ time (from a tensor, or from a Pillow image without converting it whole), the de
 band of R rows at a time (:func:`decode_dq_bands`), and the command line streams those bands into
 the PNG it writes.
 
-An autoregressive prior (the DQ-Transformer) would code the codes far tighter but needs one network
-step per code at both ends, with bit-exact probabilities across machines; it is left for later.
+With ``prior`` (a :class:`~dqfast.models.dqtransformer.DQTransformer` over the same codebook and
+grids, e.g. ``dqtransformer-small`` for ``dqvae-small``), stream 2 holds the codes in the order the
+transformer produces them, each coded under the distribution it predicts from the codes before it
+and the grain map (:meth:`DQTransformer.assign_codes`, in batches of ``PRIOR_BATCH`` tiles) with a
+range coder. Its float probabilities become integer tables by :func:`quantize_pmf` (2**16 counts,
+every code >= 1), so the decoder rebuilds the encoder's tables exactly when its network computes
+the same logits: the same model, batches and arithmetic on one machine (a small model on the CPU
+runs on one thread, whatever the thread setting). The file names both models
+(``"dqvae-small+dqtransformer-small"``), its weights hash covers both, and its tables hash is the
+CRC32 of the codes: a decoder whose logits differ (another machine, another math library) decodes
+other codes, and the file is refused instead of decoded wrong. One network step per code at both
+ends: the decoder runs the transformer's cached sampling loop.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import zlib
 from collections.abc import Iterator, Sequence
 
+import constriction
 import numpy as np
 import torch
 from torch import nn
@@ -58,16 +71,36 @@ from dqfast.codec.container import (
     pack,
     unpack,
 )
-from dqfast.codec.entropy import IntegerTables, decode_rows, encode_rows, information_bits
+from dqfast.codec.entropy import (
+    END_MARK,
+    TOTAL,
+    IntegerTables,
+    decode_rows,
+    encode_rows,
+    information_bits,
+    quantize_pmf,
+)
 from dqfast.types import C2FTokens
 
-__all__ = ["compress_dq", "decompress_dq", "decode_dq_bands", "encode_dq", "TILE_BATCH"]
+__all__ = [
+    "compress_dq",
+    "decompress_dq",
+    "decode_dq_bands",
+    "encode_dq",
+    "check_prior",
+    "prior_name_of",
+    "TILE_BATCH",
+    "PRIOR_BATCH",
+]
 
 # Tiles tokenized or decoded per network call: bounds memory on large images.
 TILE_BATCH = 8
 # Tiles whose codes are laid out (c2f flatten / unflatten) at once: the layout's temporaries are
 # several times the code map, so a whole large image's would cost hundreds of MB.
 TOKEN_CHUNK = 1024
+# Tiles whose codes the prior codes in one transformer batch (both ends batch alike: the batch is
+# part of the arithmetic that must repeat exactly).
+PRIOR_BATCH = 64
 # Half-width of the blend band around an interior tile border, as a fraction of the tile side.
 # 1/2: the band covers the whole tile (a triangular overlap-add of the aligned and the shifted
 # decodes). Measured on the held-out photos (dqvae-small, budget 0.5): the mean step at any position
@@ -111,6 +144,119 @@ def _coded_mask(tokens: C2FTokens) -> list[torch.Tensor]:
     return [p >= 0 for p in tokens.positions]
 
 
+# ----------------------------------------------------------------------------------------------
+# The DQ-Transformer as the entropy model of the codes
+# ----------------------------------------------------------------------------------------------
+
+
+def check_prior(model: nn.Module, prior: nn.Module) -> None:
+    """Raise ValueError unless ``prior`` is a DQ-Transformer over ``model``'s codes."""
+    from dqfast.models.dqtransformer import DQTransformer
+
+    if not isinstance(prior, DQTransformer):
+        raise ValueError(f"prior must be a DQTransformer, got {type(prior).__name__}")
+    K, side = model.codebook.shape[0], model.grid_size
+    if model.num_grains != 2:
+        raise ValueError(f"a DQ-Transformer prior codes dual-grain DQ-VAEs; this one has {model.num_grains} grains")
+    if prior.codebook_size != K or tuple(prior.grid_size) != (side, side):
+        raise ValueError(
+            f"prior models {prior.codebook_size} codes on a {tuple(prior.grid_size)} grid; the DQ-VAE has "
+            f"{K} codes on a {(side, side)} grid"
+        )
+    if prior.num_classes:
+        raise ValueError("a class-conditional prior needs a label per image; use an unconditional one")
+
+
+def _prior_names(name: str, prior_name: str) -> str:
+    if "+" in name or "+" in prior_name:
+        raise ValueError(f"model names must not contain '+': {name!r}, {prior_name!r}")
+    return f"{name}+{prior_name}"
+
+
+def _prior_fingerprint(model: nn.Module, prior: nn.Module) -> bytes:
+    return hashlib.sha256(model_fingerprint(model) + model_fingerprint(prior)).digest()[:8]
+
+
+def _prior_tables(logits: torch.Tensor) -> np.ndarray:
+    """(n, K) float64 probabilities ``counts / TOTAL`` (exact binary fractions) from (n, K) logits."""
+    pmf = torch.softmax(logits.detach().to("cpu", torch.float64), -1).numpy()
+    return quantize_pmf(pmf, TOTAL).astype(np.float64) / TOTAL
+
+
+def _targets(indices: torch.Tensor) -> torch.Tensor:
+    """(T, 5R) codes by :meth:`DQTransformer.assign_codes` target: coarse regions, then fine cells.
+
+    ``indices`` (T, Hf, Wf) is broadcast to the fine grid: a coarse region's code sits on its
+    2 x 2 cells.
+    """
+    return torch.cat([indices[:, ::2, ::2].flatten(1), indices.flatten(1)], 1)
+
+
+def _encode_with_prior(prior: nn.Module, indices: torch.Tensor, grain: torch.Tensor) -> tuple[np.ndarray, float, int]:
+    """Range-code the codes of every tile under the prior: (words, information bits, CRC32 of the codes)."""
+    device = prior.content_embedding.weight.device
+    family = constriction.stream.model.Categorical(perfect=False)
+    coder = constriction.stream.queue.RangeEncoder()
+    bits, crc = 0.0, 0
+    for t0 in range(0, indices.shape[0], PRIOR_BATCH):
+        table = _targets(indices[t0 : t0 + PRIOR_BATCH]).to(device)
+
+        def choose(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            nonlocal bits, crc
+            codes = table.gather(1, target.clamp(min=0)[:, None])[:, 0]
+            rows = (target >= 0).cpu()
+            if bool(rows.any()):
+                probs = _prior_tables(logits[rows.to(logits.device)])
+                symbols = codes.cpu()[rows].numpy().astype(np.int32)
+                coder.encode(symbols, family, probs)
+                bits += float(-np.log2(probs[np.arange(len(symbols)), symbols]).sum())
+                crc = zlib.crc32(symbols.astype("<i4").tobytes(), crc)
+            return codes
+
+        prior.assign_codes(grain[t0 : t0 + PRIOR_BATCH].to(device), choose)
+    coder.encode(np.array(END_MARK, dtype=np.int32), constriction.stream.model.Uniform(1 << 16))
+    return coder.get_compressed(), bits, crc
+
+
+def _decode_with_prior(prior: nn.Module, words: np.ndarray, grain: torch.Tensor, crc_expected: int) -> torch.Tensor:
+    """Inverse of :func:`_encode_with_prior`: (T, Hf, Wf) int64 codes on the CPU."""
+    device = prior.content_embedding.weight.device
+    family = constriction.stream.model.Categorical(perfect=False)
+    crc, chunks = 0, []
+    try:
+        coder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))
+        for t0 in range(0, grain.shape[0], PRIOR_BATCH):
+
+            def choose(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                nonlocal crc
+                codes = torch.zeros(target.shape[0], dtype=torch.int64)
+                rows = (target >= 0).cpu()
+                if bool(rows.any()):
+                    symbols = coder.decode(family, _prior_tables(logits[rows.to(logits.device)]))
+                    codes[rows] = torch.from_numpy(symbols.astype(np.int64))
+                    crc = zlib.crc32(symbols.astype("<i4").tobytes(), crc)
+                return codes
+
+            tokens = prior.assign_codes(grain[t0 : t0 + PRIOR_BATCH].to(device), choose)
+            tokens = C2FTokens(
+                tuple(c.cpu() for c in tokens.codes),
+                tuple(p.cpu() for p in tokens.positions),
+                tokens.lengths.cpu(),
+                tokens.grid_size,
+            )
+            chunks.append(dqfast.c2f_unflatten(tokens)[0])
+        mark = tuple(int(v) for v in coder.decode(constriction.stream.model.Uniform(1 << 16), len(END_MARK)))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CodecError(f"corrupted file: invalid entropy-coded stream ({e})") from None
+    if mark != END_MARK or crc != crc_expected:
+        raise CodecError(
+            "the codes decoded under the prior differ from the encoder's: the file is damaged, or this "
+            "machine computes the prior's probabilities differently (files coded with a prior decode on "
+            "the machine and software that made them)"
+        )
+    return torch.cat(chunks)
+
+
 def encode_dq(
     model: nn.Module,
     image: torch.Tensor,
@@ -118,6 +264,8 @@ def encode_dq(
     budget: float | Sequence[float] | None = None,
     name: str | None = None,
     source_channels: int = 3,
+    prior: nn.Module | None = None,
+    prior_name: str | None = None,
 ) -> Compressed:
     """Compress ``image`` with a DQ-VAE; ``budget`` as in :meth:`DQVAE.encode`.
 
@@ -125,8 +273,12 @@ def encode_dq(
     image (read one row of tiles at a time: a large photo is never converted whole).
 
     ``name``: the model name recorded in the file (default: its class name); ``source_channels``:
-    1 when the image came from a grayscale file.
+    1 when the image came from a grayscale file. ``prior``: a DQ-Transformer over the model's
+    codes to code them with (see the module docstring), recorded as ``prior_name`` (default: its
+    class name); the file then decodes only with the same prior.
     """
+    if prior is not None:
+        check_prior(model, prior)
     H, W, rows = _pixel_rows(image)
     fingerprint = model_fingerprint(model)
     R = model.resolution
@@ -155,12 +307,20 @@ def encode_dq(
     grain_rows = grain.reshape(1, -1).numpy()
     grain_counts = tuple(int(n) for n in np.bincount(grain_rows[0], minlength=G))
     grain_pmf, grain_tables, code_pmf, code_tables = _tables(model, grain_counts)
-    streams = [encode_rows(grain_rows, grain_tables), encode_rows(codes, code_tables)]
+    name = name if name is not None else type(model).__name__
+    if prior is None:
+        streams = [encode_rows(grain_rows, grain_tables), encode_rows(codes, code_tables)]
+        code_bits, tables_hash = information_bits(codes, code_pmf, 0), code_tables.digest()
+    else:
+        words, code_bits, tables_hash = _encode_with_prior(prior, indices, grain)
+        streams = [encode_rows(grain_rows, grain_tables), words]
+        name = _prior_names(name, prior_name if prior_name is not None else type(prior).__name__)
+        fingerprint = _prior_fingerprint(model, prior)
     header = Header(
         kind="dqvae",
-        model_name=name if name is not None else type(model).__name__,
+        model_name=name,
         weights_hash=fingerprint,
-        tables_hash=code_tables.digest(),
+        tables_hash=tables_hash,
         image_size=(H, W),
         channels=check_source_channels(source_channels),
         padded_size=(nh * R, nw * R),
@@ -168,7 +328,7 @@ def encode_dq(
         setting=_setting(budget),
         params=grain_counts,
     )
-    bits = information_bits(grain_rows, grain_pmf, 0) + information_bits(codes, code_pmf, 0)
+    bits = information_bits(grain_rows, grain_pmf, 0) + code_bits
     return Compressed(pack(header, streams), header, bits)
 
 
@@ -197,14 +357,24 @@ def _pixel_rows(image) -> tuple[int, int, callable]:
 
 
 def compress_dq(
-    model: nn.Module, image: torch.Tensor, budget: float | Sequence[float] | None = None, *, name: str | None = None
+    model: nn.Module,
+    image: torch.Tensor,
+    budget: float | Sequence[float] | None = None,
+    *,
+    name: str | None = None,
+    prior: nn.Module | None = None,
+    prior_name: str | None = None,
 ) -> bytes:
     """image: (3, H, W) in [0, 1] -> the bytes of a dqfast file (see :func:`encode_dq`)."""
-    return encode_dq(model, image, budget=budget, name=name).data
+    return encode_dq(model, image, budget=budget, name=name, prior=prior, prior_name=prior_name).data
 
 
-def decode_dq_tokens(header: Header, streams: list[np.ndarray], model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices (T, Hf, Wf), grain (T, H, W)) int64 of every tile of a parsed DQ-VAE file."""
+def decode_dq_tokens(
+    header: Header, streams: list[np.ndarray], model: nn.Module, prior: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices (T, Hf, Wf), grain (T, H, W)) int64 of every tile of a parsed DQ-VAE file.
+
+    ``prior``: the DQ-Transformer the codes were coded with, when the file names one."""
     G, side = model.num_grains, model.grid_size
     R = model.resolution
     H, W = header.image_size
@@ -216,7 +386,7 @@ def decode_dq_tokens(header: Header, streams: list[np.ndarray], model: nn.Module
     if len(streams) != 2 or len(header.params) != G or sum(header.params) != n_regions or min(header.params) < 0:
         raise CodecError("corrupted file: the grain counts do not match the tiles")
     _, grain_tables, _, code_tables = _tables(model, header.params)
-    if code_tables.digest() != header.tables_hash:
+    if prior is None and code_tables.digest() != header.tables_hash:
         raise CodecError(
             "probability tables differ from the encoder's: this machine computes the model's prior differently"
         )
@@ -226,6 +396,8 @@ def decode_dq_tokens(header: Header, streams: list[np.ndarray], model: nn.Module
         raise CodecError("corrupted file: the decoded grain map disagrees with the header's counts")
     grain = torch.from_numpy(grain_flat).reshape(T, side, side)
     del grain_flat
+    if prior is not None:
+        return _decode_with_prior(prior, streams[1], grain, header.tables_hash), grain
     # Grain g's codes: params[g] regions of 4**g codes each, one segment per grain, in tile order.
     per_grain = [n * 4**g for g, n in enumerate(header.params)]
     flat = torch.from_numpy(decode_rows(streams[1], code_tables, sum(per_grain))[0])
@@ -248,13 +420,22 @@ def decode_dq_tokens(header: Header, streams: list[np.ndarray], model: nn.Module
     return indices, grain
 
 
-def decompress_dq(data: bytes, model: nn.Module, *, name: str | None = None, blend: bool = True) -> torch.Tensor:
+def decompress_dq(
+    data: bytes,
+    model: nn.Module,
+    *,
+    name: str | None = None,
+    blend: bool = True,
+    prior: nn.Module | None = None,
+    prior_name: str | None = None,
+) -> torch.Tensor:
     """Bytes of a dqfast DQ-VAE file -> the image (3, H, W) float32 in [0, 1] on the CPU.
 
     Raises :class:`CodecError` for a malformed file or a model other than the encoder's.
     ``blend``: hide the tile borders (see the module docstring); False decodes each tile once.
+    ``prior`` / ``prior_name``: the DQ-Transformer the file was coded with, if any.
     """
-    header, bands = decode_dq_bands(data, model, name=name, blend=blend)
+    header, bands = decode_dq_bands(data, model, name=name, blend=blend, prior=prior, prior_name=prior_name)
     H, W = header.image_size
     image = torch.empty(3, H, W)
     for y0, band in bands:
@@ -263,9 +444,16 @@ def decompress_dq(data: bytes, model: nn.Module, *, name: str | None = None, ble
 
 
 def decode_dq_bands(
-    data: bytes, model: nn.Module, *, name: str | None = None, blend: bool = True
+    data: bytes,
+    model: nn.Module,
+    *,
+    name: str | None = None,
+    blend: bool = True,
+    prior: nn.Module | None = None,
+    prior_name: str | None = None,
 ) -> tuple[Header, Iterator[tuple[int, torch.Tensor]]]:
-    """Parse and check a DQ-VAE file, then decode it band by band.
+    """Parse and check a DQ-VAE file, then decode it band by band (``prior``: the DQ-Transformer
+    the codes were coded with, when the file names one; see :func:`prior_name_of`).
 
     Returns (header, bands): ``bands`` yields ``(y0, band)`` top to bottom, ``band`` a (3, rows, W)
     float32 CPU tensor in [0, 1] of image rows ``y0 .. y0 + rows`` (rows = the tile side, less at
@@ -277,9 +465,27 @@ def decode_dq_bands(
         raise CodecError(f"this is a {header.kind} file, not a DQ-VAE file")
     if not hasattr(model, "num_grains") or not hasattr(model, "grid_size"):
         raise CodecError(f"this DQ-VAE file cannot be decoded with a {type(model).__name__}")
-    check_model(header, name if name is not None else type(model).__name__, model_fingerprint(model))
-    indices, _ = decode_dq_tokens(header, streams, model)
+    name = name if name is not None else type(model).__name__
+    named_prior = prior_name_of(header)
+    if prior is None:
+        if named_prior is not None:
+            raise CodecError(f"this file's codes were coded with the prior {named_prior!r}: pass it to decode")
+        check_model(header, name, model_fingerprint(model))
+    else:
+        if named_prior is None:
+            raise CodecError("this file was coded without a prior; decode it without one")
+        check_prior(model, prior)
+        prior_name = prior_name if prior_name is not None else type(prior).__name__
+        check_model(header, _prior_names(name, prior_name), _prior_fingerprint(model, prior))
+    indices, _ = decode_dq_tokens(header, streams, model, prior)
     return header, _bands(model, indices, header.image_size, blend)
+
+
+def prior_name_of(header: Header) -> str | None:
+    """The name of the DQ-Transformer a DQ-VAE file's codes were coded with, or None (static prior)."""
+    if header.kind != "dqvae" or "+" not in header.model_name:
+        return None
+    return header.model_name.split("+", 1)[1]
 
 
 def _blend_weight(length: int, tile: int, band: float) -> torch.Tensor:

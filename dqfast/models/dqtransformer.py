@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -455,7 +455,50 @@ class DQTransformer(nn.Module):
                 B, labels, float(temperature), top_k, top_p, fixed, required, generator, use_cache, progress
             )
 
-    def _generate(self, B, labels, temperature, top_k, top_p, fixed, required, generator, use_cache, progress):
+    @torch.no_grad()
+    def assign_codes(
+        self,
+        grain: torch.Tensor,
+        choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        *,
+        labels: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> C2FTokens:
+        """The cached sampling loop with the coarse regions fixed by ``grain`` (B, H, W) (0 = coarse,
+        1 = fine) and every code picked by ``choose(logits, target)`` instead of drawn.
+
+        At each step ``logits`` is (B, K) float32, the code logits of every row; ``target`` (B,)
+        int64 says what the code is for: a coarse region ``r`` (0..R-1, row-major over the coarse
+        grid), a fine cell ``R + c`` (c row-major over the fine grid), or -1 where the row places
+        no code at this step (its pick is ignored). ``choose`` returns (B,) codes in 0..K-1.
+        Returns the tokens placed.
+
+        This is how the DQ-VAE codec uses the model as its entropy model: the encoder's ``choose``
+        returns the image's codes and codes each under its distribution, the decoder's decodes
+        them. Both ends run the same arithmetic in the same order on the same batch, so on one
+        machine they see the same logits (a small model on the CPU runs on one thread, whatever the
+        thread setting). The random stream is not touched.
+        """
+        device = self.content_embedding.weight.device
+        B = grain.shape[0]
+        if grain.shape != (B, *self.grid_size):
+            raise ValueError(
+                f"grain must have shape (B, {self.grid_size[0]}, {self.grid_size[1]}), got {tuple(grain.shape)}"
+            )
+        if grain.numel() and (int(grain.min()) < 0 or int(grain.max()) > 1):
+            raise ValueError("grain must hold 0 (coarse) or 1 (fine)")
+        labels = self._labels(labels, B, device)
+        fixed = rearrange(grain.to(device) == 0, "b h w -> b (h w)")
+        # Fixed positions leave one allowed choice per step: the uniforms only have to exist.
+        generator = torch.Generator(device=device).manual_seed(0)
+        with self._sampling_context(device):
+            return self._generate(
+                B, labels, 1.0, None, None, fixed, fixed.sum(1), generator, True, progress, choose=choose
+            )
+
+    def _generate(
+        self, B, labels, temperature, top_k, top_p, fixed, required, generator, use_cache, progress, choose=None
+    ):
         device = self.content_embedding.weight.device
         H, W = self.grid_size
         R, K, Pc = self.num_regions, self.codebook_size, self.coarse_positions
@@ -496,7 +539,12 @@ class DQTransformer(nn.Module):
             next_position[:, t] = nxt
             c = streams.content(t, h, nxt)
             c = F.layer_norm(c, (self.width,), self.content_norm.weight, self.content_norm.bias, self.content_norm.eps)
-            return self._sample(F.linear(c, content_weight, content_bias), None, uniform(), temperature, top_k, top_p)
+            logits = F.linear(c, content_weight, content_bias)
+            if choose is not None:
+                coarse, fine = nxt < R, (nxt >= Pc) & (nxt < Pc + 4 * R)
+                target = torch.where(coarse, nxt, torch.where(fine, nxt - Pc + R, -1))
+                return choose(logits, target).to(device=device, dtype=torch.int64)
+            return self._sample(logits, None, uniform(), temperature, top_k, top_p)
 
         def place(target: torch.Tensor, code: torch.Tensor, nxt: torch.Tensor, placing: torch.Tensor) -> None:
             target = target[:, None]
