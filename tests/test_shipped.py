@@ -472,7 +472,10 @@ def test_codec_demo_rows_and_figure(tmp_path):
     from dqfast.codec.demo import BUDGETS, QUALITIES, format_rows, run_codec_demo
 
     rows = run_codec_demo(tmp_path, image=HELD_OUT[0], crop=128)
-    assert [r["model"] for r in rows] == ["dqvae-small"] * len(BUDGETS) + ["cae-small"] * len(QUALITIES)
+    n = len(BUDGETS)
+    assert [r["model"] for r in rows] == ["dqvae-small"] * n + ["dqvae+prior"] * n + ["cae-small"] * len(QUALITIES)
+    for static, coded in zip(rows[:n], rows[n : 2 * n]):  # the same codes in a smaller file
+        assert coded["psnr"] == static["psnr"] and coded["bytes"] < static["bytes"]
     cae = [r for r in rows if r["model"] == "cae-small"]
     assert [r["bytes"] for r in cae] == sorted(r["bytes"] for r in cae), "the ladder spends more at higher quality"
     for r in rows:

@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["DQ_MODEL", "CAE_MODEL", "QUALITIES", "BUDGETS", "run_codec_demo", "format_rows", "main"]
+__all__ = ["DQ_MODEL", "PRIOR_MODEL", "CAE_MODEL", "QUALITIES", "BUDGETS", "run_codec_demo", "format_rows", "main"]
 
 DQ_MODEL = "dqvae-small"
+# The DQ-Transformer the DQ-VAE's codes are also coded with (the rows labelled "dqvae+prior").
+PRIOR_MODEL = "dqtransformer-small"
 CAE_MODEL = "cae-small"
 # Points of the CAE's rate ladder shown: low, middle and high rate.
 QUALITIES = (1.0, 3.0, 5.0)
@@ -112,8 +114,9 @@ def run_codec_demo(
     ``crop``: code only the central ``crop`` x ``crop`` square (None: the whole image).
     Each row: model, setting, bytes, bpp (whole file), estimated_bpp, psnr (8-bit reconstruction),
     jpeg_bpp / jpeg_psnr / jpeg_quality (JPEG at the nearest bpp), encode_s, decode_s, and for the
-    DQ-VAE fine_fraction (of regions). Writes ``<out_dir>/codec_demo.png`` (its path is in every
-    row as ``figure``).
+    DQ-VAE fine_fraction (of regions). The DQ-VAE runs twice per budget: its codes under the static
+    prior ("dqvae-small") and under the DQ-Transformer ("dqvae+prior": same image, smaller file).
+    Writes ``<out_dir>/codec_demo.png`` (its path is in every row as ``figure``).
     """
     from dqfast.codec import decode, encode
     from dqfast.codec.cli import to_uint8
@@ -134,7 +137,9 @@ def run_codec_demo(
 
     runs: list[tuple[str, torch.nn.Module, dict]] = []
     dq = _load(DQ_MODEL)
+    prior = {"prior": _load(PRIOR_MODEL), "prior_name": PRIOR_MODEL}
     runs += [(DQ_MODEL, dq, {"budget": b}) for b in BUDGETS]
+    runs += [(DQ_MODEL, dq, {"budget": b, **prior}) for b in BUDGETS]
     cae = _load(CAE_MODEL)
     runs += [(CAE_MODEL, cae, {"quality": q}) for q in QUALITIES]
 
@@ -142,17 +147,18 @@ def run_codec_demo(
     fine = None
     with torch.no_grad():
         for name, model, rate in runs:
+            with_prior = {k: rate.pop(k) for k in ("prior", "prior_name") if k in rate}
             start = time.perf_counter()
-            result = encode(model, x, name=name, **rate)
+            result = encode(model, x, name=name, **rate, **with_prior)
             encode_s = time.perf_counter() - start
             start = time.perf_counter()
-            decoded, header = decode(result.data, model, name=name)
+            decoded, header = decode(result.data, model, name=name, **with_prior)
             decode_s = time.perf_counter() - start
             recon = to_uint8(decoded)
             jpeg_bpp, jpeg_psnr, quality = _jpeg_match(pixels, result.bpp)
             setting = f"budget {rate['budget']:g}" if "budget" in rate else f"quality {rate['quality']:g}"
             row = dict(
-                model=name,
+                model="dqvae+prior" if with_prior else name,
                 setting=setting,
                 bytes=len(result.data),
                 bpp=result.bpp,
@@ -167,9 +173,11 @@ def run_codec_demo(
             )
             if "budget" in rate:
                 row["fine_fraction"] = header.params[-1] / sum(header.params)
-                fine = _grain_map(result.data, model)
+                if not with_prior:
+                    fine = _grain_map(result.data, model)
             rows.append(row)
-            panels.append((f"{name}, {setting}: {row['bpp']:.3f} bpp, {row['psnr']:.2f} dB", recon))
+            if not with_prior:  # the same image as the static-prior row's
+                panels.append((f"{name}, {setting}: {row['bpp']:.3f} bpp, {row['psnr']:.2f} dB", recon))
     _figure(pixels, panels, fine, figure)
     return rows
 
