@@ -148,6 +148,12 @@ def test_mismatches_are_clean_errors(models):
         bad[word] ^= 0x00A50000
         with pytest.raises(CodecError):
             decompress_dq(pack(header, [streams[0], bad]), vae, name=VAE, prior=prior, prior_name=PRIOR)
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # random bit flips anywhere in the code words
+        bad = streams[1].copy()
+        bad[rng.integers(len(bad))] ^= np.uint32(1 << int(rng.integers(32)))
+        with pytest.raises(CodecError):
+            decompress_dq(pack(header, [streams[0], bad]), vae, name=VAE, prior=prior, prior_name=PRIOR)
     truncated = pack(header, [streams[0], streams[1][: len(streams[1]) // 2]])
     with pytest.raises(CodecError):
         decompress_dq(truncated, vae, name=VAE, prior=prior, prior_name=PRIOR)
