@@ -51,8 +51,10 @@ supported on that path) instead of calling an opaque function. Consequences:
 - CPU calls, the fast and reference paths, and ``torch.export`` (which keeps triton_ops as custom
   ops) are unchanged: one opaque node that dispatches at run time.
 
-No op is left opaque on a GPU. Nothing here imports triton until a CUDA call is compiled onto
-the Triton path.
+No op is left opaque on a GPU, except ``grain_from_budget`` (a few sorts over the router logits,
+integer output, no gradient): it is a custom op only so that a compiled graph does not break on
+the host-side rounding of its budget, and always runs the reference. Nothing here imports triton
+until a CUDA call is compiled onto the Triton path.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ __all__ = [
     "code_statistics",
     "c2f_attention",
     "c2f_decode_attention",
+    "grain_from_budget",
     "OPS",
 ]
 
@@ -547,6 +550,22 @@ def dynamic_quantize(
         budget = [float(budget)] if isinstance(budget, int | float) else [float(f) for f in budget]
     out = _dynamic_quantize(list(features), codebook, grain, gate, router_logits, budget, metric, float(beta))
     return DynamicVQOutput(*out)
+
+
+@torch.library.custom_op("dqfast::grain_from_budget", mutates_args=())
+def _grain_from_budget(router_logits: Tensor, budget: list[float]) -> Tensor:
+    return _fresh(_ref_vq.grain_from_budget(router_logits, _budget_arg(budget)), (router_logits,))
+
+
+@_grain_from_budget.register_fake
+def _(router_logits, budget):
+    B, H, W, _ = router_logits.shape
+    return router_logits.new_empty(B, H, W, dtype=torch.int64)
+
+
+def grain_from_budget(router_logits, budget):
+    budget = [float(budget)] if isinstance(budget, int | float) else [float(f) for f in budget]
+    return _grain_from_budget(router_logits.detach(), budget)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,8 +8,12 @@ and the kernel are called with exactly the arguments of the public signature.
 Checks of tensor *values* (index ranges, one-hot gates, grains, layout lengths) need the data on
 the host. They run eagerly; under ``torch.compile`` (``torch.compiler.is_compiling()``) they are
 skipped so that a compiled graph does not break, and the values are then the caller's duty.
-Shape, dtype and device checks always run. Empty spatial sizes (B, H or W = 0) of the conv ops
-are answered here, for every backend, with the empty output.
+Shape, dtype and device checks always run. Number arguments (``beta``, ``scale``, budget
+fractions) are checked with comparisons only (``0 <= beta < math.inf`` refuses NaN and inf too):
+``torch.compile(dynamic=True)`` traces a float argument, module attribute or keyword default as
+a symbolic float, on which comparisons become guards while ``math.isfinite`` cannot be traced.
+Empty spatial sizes (B, H or W = 0) of the conv ops are answered here, for every backend, with
+the empty output.
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ def _choice(x, name: str, choices: Sequence) -> None:
 def _scale(scale) -> None:
     if scale is None:
         return
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 
@@ -321,6 +325,11 @@ def grain_from_budget(router_logits: torch.Tensor, budget) -> torch.Tensor:
     if router_logits.shape[-1] < 2:
         raise ValueError(f"router_logits must have G >= 2 grains in its last dim, got {tuple(router_logits.shape)}")
     fractions = _check_budget(budget, router_logits.shape[-1])
+    if torch.compiler.is_compiling():
+        # One opaque node: the reference rounds the budget on the host, which a graph cannot hold.
+        from dqfast import library
+
+        return library.grain_from_budget(router_logits, fractions)
     return _ref_vq.grain_from_budget(router_logits, fractions if len(fractions) > 1 else fractions[0])
 
 
@@ -363,7 +372,7 @@ def dynamic_quantize(
     _check_codebook(codebook, D, "features")
     pairs = [(f"features[{g}]", f) for g in range(G)] + [("codebook", codebook)]
     _choice(metric, "metric", METRICS)
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta < 0:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < math.inf:
         raise ValueError(f"beta must be a non-negative finite number, got {beta!r}")
 
     given = [n for n, v in (("grain", grain), ("gate", gate), ("router_logits", router_logits)) if v is not None]
@@ -430,7 +439,7 @@ def code_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> t
     if indices.shape[0] != x.shape[0]:
         raise ValueError(f"indices has {indices.shape[0]} entries but x has N = {x.shape[0]} rows")
     _same_device([("x", x), ("indices", indices)])
-    if indices.numel() and _check_values():
+    if _check_values() and indices.numel():
         low, high = int(indices.min()), int(indices.max())
         if low < 0 or high >= num_codes:
             raise ValueError(f"indices must lie in [0, num_codes = {num_codes}), got values in [{low}, {high}]")
