@@ -63,6 +63,14 @@ def _layout(mode: str, device: str) -> dqfast.C2FLayout:
     return dqfast.C2FLayout((7, 6), lengths, mode=mode)
 
 
+def _attend(tensors, layout, grad_out):
+    """dqfast.c2f_attention on fresh leaf copies of ``tensors``: (output, their gradients)."""
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    out = dqfast.c2f_attention(*leaves, layout)
+    out.backward(grad_out)
+    return out, [t.grad for t in leaves]
+
+
 @pytest.mark.parametrize("mode", ["causal", "block"])
 @pytest.mark.parametrize("fill", FILLS)
 def test_c2f_attention_pads_never_reach_outputs_or_gradients(path, mode, fill):
@@ -79,14 +87,8 @@ def test_c2f_attention_pads_never_reach_outputs_or_gradients(path, mode, fill):
     _backends("c2f_attention", *dirty, layout)
     grad_out = torch.randn(B, Hh, L, Dh, device=device)
 
-    def run(tensors):
-        leaves = [t.clone().requires_grad_() for t in tensors]
-        out = dqfast.c2f_attention(*leaves, layout)
-        out.backward(grad_out)
-        return out, [t.grad for t in leaves]
-
-    out, grads = run(dirty)
-    want, want_grads = run(clean)
+    out, grads = _attend(dirty, layout, grad_out)
+    want, want_grads = _attend(clean, layout, grad_out)
     assert torch.isfinite(out).all()
     query_pad = ~valid[:, None, :].expand(B, Hh, L)
     assert torch.equal(out[query_pad], torch.zeros_like(out[query_pad])), "pad queries must output exactly 0"
@@ -119,14 +121,8 @@ def test_c2f_attention_infinite_pad_whose_scores_are_all_minus_inf(path, which):
     _backends("c2f_attention", *dirty, layout)
     grad_out = torch.randn(B, Hh, L, Dh, device=device)
 
-    def run(tensors):
-        leaves = [t.clone().requires_grad_() for t in tensors]
-        out = dqfast.c2f_attention(*leaves, layout)
-        out.backward(grad_out)
-        return out, [t.grad for t in leaves]
-
-    out, grads = run(dirty)
-    want, want_grads = run([q, k, v])
+    out, grads = _attend(dirty, layout, grad_out)
+    want, want_grads = _attend([q, k, v], layout, grad_out)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     for name, g, w in zip("qkv", grads, want_grads):
         assert torch.isfinite(g).all(), f"d{name} has non-finite values"
