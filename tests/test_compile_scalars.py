@@ -14,6 +14,7 @@ the graph. That is torch's behaviour, so the tests do not count graphs.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -232,3 +233,159 @@ def test_compiled_call_with_bad_beta_still_raises():
     for beta in (-1.0, math.nan):
         with pytest.raises(ValueError, match="beta must be a non-negative finite number"):
             compiled(feats, codebook, logits, beta)
+
+
+# ----------------------------------------------------------------------------------------------
+# DynamicQuantizer training with the EMA codebook and dead-code restart under fullgraph compile:
+# the update runs over every cell with static shapes (see DynamicQuantizer._update_codebook)
+# ----------------------------------------------------------------------------------------------
+
+
+def _train_feats(seed, G, B=2, D=4, H=2, W=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, D, H * 2**i, W * 2**i, generator=g) for i in range(G)]
+
+
+def _buffers(quantizer):
+    names = ("usage", "code_sum", "codebook") if quantizer.ema else ("usage", "codebook")
+    return {name: getattr(quantizer, name).detach().clone() for name in names}
+
+
+@pytest.mark.parametrize(
+    "G, metric, dynamic, backend",
+    [(2, "l2", False, BACKEND), (3, "cosine", True, BACKEND), (2, "l2", False, "inductor")],
+)
+def test_dynamic_quantizer_ema_training_step_matches_eager(G, metric, dynamic, backend):
+    import torch._inductor.config
+
+    # inductor draws its own random numbers unless told to use torch's (the Gumbel gate must match)
+    with torch._inductor.config.patch(fallback_random=True):
+        _ema_training_steps(G, metric, dynamic, backend)
+
+
+def _ema_training_steps(G, metric, dynamic, backend):
+    torch.manual_seed(9)
+    eager = DynamicQuantizer(
+        4, 8, G, metric=metric, ema=True, restart_dead=False, budget_target=(0.5 / (G - 1),) * (G - 1)
+    ).train()
+    module = copy.deepcopy(eager)
+    compiled = torch.compile(module, backend=backend, fullgraph=True, dynamic=dynamic)
+    for step in range(2):
+        feats = _train_feats(10 + step, G)
+        results = []
+        for fn in (compiled, eager):
+            leaves = [f.clone().requires_grad_() for f in feats]
+            torch.manual_seed(20 + step)  # the same Gumbel gate
+            out = fn(leaves)
+            (out.loss + out.budget_loss + out.quantized.square().mean()).backward()
+            results.append((out, [f.grad for f in leaves]))
+        (out, grads), (ref, ref_grads) = results
+        _assert_dq_equal(out, ref)
+        # the backward reads the codebook of the forward, not the updated buffer
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for name, value in _buffers(eager).items():
+            torch.testing.assert_close(getattr(module, name), value, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(eager.usage, torch.ones_like(eager.usage))
+
+
+@pytest.mark.parametrize("ema, dynamic, backend", [(False, False, "inductor"), (True, True, BACKEND)])
+def test_dynamic_quantizer_restart_under_fullgraph(ema, dynamic, backend):
+    import torch._inductor.config
+
+    with torch._inductor.config.patch(fallback_random=True):
+        _restart_step(ema, dynamic, backend)
+
+
+def _restart_step(ema, dynamic, backend):
+    torch.manual_seed(11)
+    # 64 codes for 2 * 6 regions: most codes go unused in the step, so they are dead (usage 0.99 < 1).
+    eager = DynamicQuantizer(4, 64, 2, ema=ema, restart_dead=True).train()
+    module = copy.deepcopy(eager)
+    before = _buffers(module)
+    feats = _train_feats(12, 2)
+    compiled = torch.compile(module, backend=backend, fullgraph=True, dynamic=dynamic)
+    results = []
+    for fn, quantizer in ((compiled, module), (eager, eager)):
+        leaves = [f.clone().requires_grad_() for f in feats]
+        torch.manual_seed(13)
+        result = fn(leaves)
+        (result.loss + result.quantized.square().mean()).backward()
+        grads = [f.grad for f in leaves] + ([] if ema else [quantizer.codebook.grad])
+        results.append((result, grads))
+    (out, grads), (ref, ref_grads) = results
+    _assert_dq_equal(out, ref)
+    # the backward reads the codebook of the forward, not the restarted one
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    used = torch.zeros(64, dtype=torch.bool)
+    used[out.indices.unique()] = True
+    assert 0 < used.sum() < 64
+    vectors, _ = eager._coded_vectors(feats, out.indices, out.grain)
+    restarted = module.codebook.detach()[~used]
+    # each restarted code is one of the step's coded vectors
+    assert (restarted[:, None] == vectors[None]).all(-1).any(1).all()
+    torch.testing.assert_close(module.usage[~used], torch.full((int((~used).sum()),), 1.0))
+    if ema:
+        torch.testing.assert_close(module.code_sum[~used], restarted)  # candidate * dead_threshold (1)
+        # live codes: the EMA update, as eagerly
+        for name, value in _buffers(eager).items():
+            torch.testing.assert_close(getattr(module, name)[used], value[used], rtol=1e-5, atol=1e-6, msg=name)
+    else:
+        torch.testing.assert_close(module.codebook.detach()[used], before["codebook"][used], rtol=0, atol=0)
+        torch.testing.assert_close(module.usage[used], eager.usage[used])
+
+
+def test_dqvae_tiny_training_step_under_fullgraph():
+    from dqfast.models import create
+
+    torch.manual_seed(14)
+    eager = create("dqvae-tiny").train()
+    assert eager.quantizer.ema and eager.quantizer.restart_dead
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend=BACKEND, fullgraph=True)
+    x = torch.rand(2, 3, 32, 32)
+    torch.manual_seed(15)
+    out = compiled(x)
+    torch.manual_seed(15)
+    ref = eager(x)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.quantizer.usage, eager.quantizer.usage)
+    (out.quant_loss + out.budget_loss + out.reconstruction.square().mean()).backward()
+
+
+def test_compiled_restart_without_coded_cell_keeps_codebook():
+    # Not reachable from forward (every region is coded at one grain): no cell coded, nothing restarts.
+    quantizer = DynamicQuantizer(4, 8, 2, restart_dead=True)
+    quantizer.usage.fill_(0.5)
+    before = quantizer.codebook.detach().clone()
+    update = torch.compile(quantizer._update_codebook, backend=BACKEND, fullgraph=True)
+    update(_train_feats(16, 2, B=1), torch.zeros(1, 4, 6, dtype=torch.long), torch.full((1, 2, 3), 2))
+    torch.testing.assert_close(quantizer.codebook.detach(), before, rtol=0, atol=0)
+    torch.testing.assert_close(quantizer.usage, torch.full((8,), 0.495))
+
+
+def test_compiled_update_under_single_process_group(tmp_path):
+    # The statistics are all-reduced and the restart picks broadcast (a functional collective under
+    # compile); one gloo rank changes nothing, so the compiled step matches the plain compiled one.
+    import torch.distributed as dist
+
+    feats = _train_feats(17, 2)
+
+    def run():
+        torch._dynamo.reset()
+        torch.manual_seed(18)
+        quantizer = DynamicQuantizer(4, 16, 2, ema=True, restart_dead=True).train()
+        out = torch.compile(quantizer, backend=BACKEND, fullgraph=True)(feats)
+        return out.indices, quantizer.codebook.clone(), quantizer.usage.clone(), quantizer.code_sum.clone()
+
+    plain = run()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        distributed = run()
+    finally:
+        dist.destroy_process_group()
+    for a, b in zip(plain, distributed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -28,6 +28,26 @@ BUDGET_LOSSES = ("mse", "official")
 GATE_GRADIENTS = ("chosen", "official")
 
 
+@torch.library.custom_op("dqfast::codebook_snapshot", mutates_args=())
+def _snapshot(codebook: torch.Tensor) -> torch.Tensor:
+    """A copy of the codebook that a compiled graph keeps.
+
+    Under torch.compile the codebook read by the quantization must be a copy taken before the
+    in-graph EMA / restart update: Inductor drops a plain ``clone`` or same-dtype ``to(copy=True)``
+    of a graph input as a no-op, so the backward would read the updated buffer. An opaque op is
+    neither removed nor recomputed in the backward.
+    """
+    return codebook.clone()
+
+
+@_snapshot.register_fake
+def _(codebook):
+    return torch.empty_like(codebook)
+
+
+_snapshot.register_autograd(lambda ctx, grad: grad)
+
+
 class DynamicQuantizerOutput(NamedTuple):
     """Result of :meth:`DynamicQuantizer.forward`.
 
@@ -121,6 +141,10 @@ class DynamicQuantizer(nn.Module):
     router learns from the quantization and budget losses) and eval takes the argmax.
 
     Deterministic under ``torch.manual_seed``: the Gumbel noise and the restart picks use torch's RNG.
+
+    Training compiles with ``torch.compile(fullgraph=True)``, static or dynamic shapes: the EMA and
+    restart update then runs with static shapes (see :meth:`_update_codebook`); the usage, code
+    sums and EMA codebook equal eager's, the restart picks are drawn differently.
     """
 
     def __init__(
@@ -232,7 +256,10 @@ class DynamicQuantizer(nn.Module):
         # codebook stays fp32 (the cast is differentiable, so the fp32 codebook gets its gradient),
         # and the EMA / restart update below rewrites the codebook in place, which must not touch a
         # tensor the backward pass saved.
-        codebook = self.codebook.to(maps[0].dtype, copy=True)
+        if torch.compiler.is_compiling() and self.training and (self.ema or self.restart_dead):
+            codebook = _snapshot(self.codebook).to(maps[0].dtype)
+        else:
+            codebook = self.codebook.to(maps[0].dtype, copy=True)
         gate = None
         if budget is not None:
             out = ops.dynamic_quantize(
@@ -314,6 +341,24 @@ class DynamicQuantizer(nn.Module):
             vectors = F.normalize(vectors, dim=-1, eps=NORMALIZE_EPS)
         return vectors, torch.cat(codes)
 
+    def _all_cells(
+        self, maps: Sequence[torch.Tensor], indices: torch.Tensor, grain: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cell of every grain's map with its code, (M, D) float32 and (M,) int64, M the cells
+        of all the maps: a cell not coded at its grain gets the extra code K (static shapes, for
+        torch.compile; :meth:`_coded_vectors` keeps the coded ones only)."""
+        vectors, codes = [], []
+        G, K = self.num_grains, self.codebook_size
+        for g, feature in enumerate(maps):
+            coded = repeat(grain == g, "b h w -> b (h s1) (w s2)", s1=2**g, s2=2**g)
+            vectors.append(rearrange(feature, "b d h w -> (b h w) d"))
+            stride = 2 ** (G - 1 - g)
+            codes.append(torch.where(coded, indices[:, ::stride, ::stride], K).flatten())
+        vectors = torch.cat(vectors).float()
+        if self.metric == "cosine":
+            vectors = F.normalize(vectors, dim=-1, eps=NORMALIZE_EPS)
+        return vectors, torch.cat(codes)
+
     @torch.no_grad()
     def _update_codebook(self, maps: Sequence[torch.Tensor], indices: torch.Tensor, grain: torch.Tensor) -> None:
         """EMA of code usage (and of the codebook with ``ema=True``), then dead-code restart.
@@ -322,12 +367,25 @@ class DynamicQuantizer(nn.Module):
         atomics in the Triton kernel, bincount / index_add in the reference): O(N * D) memory, no
         N x K one-hot. Under torch.distributed they are summed over ranks and the restart picks
         come from rank 0, so every rank keeps the same codebook.
+
+        Under torch.compile every shape must be static: the statistics run over every cell of
+        every grain's map, the cells not coded at their grain going to an extra code K whose row
+        is dropped (the same counts and sums), and the restart candidates are K draws with
+        replacement among the coded cells (``torch.multinomial``), so the random picks, though
+        drawn the same way, are not the eager ones.
         """
         from dqfast import ops
 
-        vectors, codes = self._coded_vectors([m.detach() for m in maps], indices, grain)
+        maps = [m.detach() for m in maps]
         K = self.codebook_size
-        counts, sums = ops.code_statistics(vectors, codes, K)
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            vectors, codes = self._all_cells(maps, indices, grain)
+            counts, sums = ops.code_statistics(vectors, codes, K + 1)
+            counts, sums = counts[:K], sums[:K]
+        else:
+            vectors, codes = self._coded_vectors(maps, indices, grain)
+            counts, sums = ops.code_statistics(vectors, codes, K)
         counts, sums = counts.float(), sums.float()
         distributed = dist.is_available() and dist.is_initialized()
         if distributed:
@@ -343,13 +401,30 @@ class DynamicQuantizer(nn.Module):
             smoothed = (self.usage + self.eps) / (total + K * self.eps) * total
             self.codebook.copy_(self.code_sum / smoothed[:, None])
 
-        if self.restart_dead and vectors.shape[0]:
-            # One candidate per code (no host sync on how many are dead); only dead codes take theirs.
+        if not self.restart_dead or not vectors.shape[0]:
+            return
+        # One candidate per code (no host sync on how many are dead); only dead codes take theirs.
+        if compiling:
+            coded = codes < K
+            # Without a coded cell (an empty grid) nothing restarts; the uniform weight only keeps
+            # the draw valid.
+            found = coded.any()
+            weight = torch.where(found, coded.float(), torch.ones_like(vectors[:, 0]))
+            candidates = vectors[torch.multinomial(weight, K, replacement=True)]
+        else:
+            found = None
             candidates = vectors[torch.randint(vectors.shape[0], (K,), device=vectors.device)]
-            if distributed:
-                dist.broadcast(candidates, src=0)
-            dead = self.usage < self.dead_threshold
-            self.codebook.copy_(torch.where(dead[:, None], candidates.to(self.codebook.dtype), self.codebook))
-            self.usage.copy_(torch.where(dead, self.dead_threshold, self.usage))
-            if self.ema:
-                self.code_sum.copy_(torch.where(dead[:, None], candidates * self.dead_threshold, self.code_sum))
+        if distributed and compiling:
+            # Dynamo traces dist.all_reduce but not dist.broadcast; the functional form traces.
+            from torch.distributed import _functional_collectives as funcol
+
+            candidates = funcol.broadcast(candidates, 0, dist.group.WORLD)
+        elif distributed:
+            dist.broadcast(candidates, src=0)
+        dead = self.usage < self.dead_threshold
+        if found is not None:
+            dead = dead & found
+        self.codebook.copy_(torch.where(dead[:, None], candidates.to(self.codebook.dtype), self.codebook))
+        self.usage.copy_(torch.where(dead, self.dead_threshold, self.usage))
+        if self.ema:
+            self.code_sum.copy_(torch.where(dead[:, None], candidates * self.dead_threshold, self.code_sum))
