@@ -53,8 +53,10 @@ supported on that path) instead of calling an opaque function. Consequences:
 
 No op is left opaque on a GPU, except ``grain_from_budget`` (a few sorts over the router logits,
 integer output, no gradient): it is a custom op only so that a compiled graph does not break on
-the host-side rounding of its budget, and always runs the reference. Nothing here imports triton
-until a CUDA call is compiled onto the Triton path.
+the host-side rounding of its budget, and always runs the reference (and, outside this module,
+``dqfast::codebook_snapshot`` in :mod:`dqfast.nn.dynamic_quantizer`, a codebook copy that a
+compiled training step must keep). Nothing here imports triton until a CUDA call is compiled onto
+the Triton path.
 """
 
 from __future__ import annotations
