@@ -132,3 +132,25 @@ def test_banded_cae_codes_a_streamed_png_as_its_pillow_image(tmp_path, monkeypat
         streamed = hc.encode_hyper(model, rows, quality=1.5, source_channels=1 if gray else 3)
     assert len(hc._Plan(model, 200, 75).bands) > 2
     assert streamed.data == from_pillow.data
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_dqvae_codes_a_streamed_png_as_its_pillow_image(tmp_path, channels):
+    """The DQ-VAE codec reads a row of tiles at a time: from a PngRows as from the Pillow image."""
+    import torch
+
+    from dqfast.codec.dq_codec import encode_dq
+    from dqfast.models import create
+
+    torch.manual_seed(0)
+    model = create("dqvae-tiny").eval()  # 32 x 32 tiles: 3 rows of tiles below
+    rng = np.random.default_rng(channels)
+    pixels = rng.integers(0, 256, (70, 45, channels)).astype(np.uint8)
+    path = tmp_path / "x.png"
+    _filtered_png(path, pixels, rng)
+    with Image.open(path) as img:
+        img.load()
+        from_pillow = encode_dq(model, img, budget=0.5, source_channels=1 if channels == 1 else 3)
+    with PngRows.open(path) as rows:
+        streamed = encode_dq(model, rows, budget=0.5, source_channels=1 if channels == 1 else 3)
+    assert streamed.data == from_pillow.data

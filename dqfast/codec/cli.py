@@ -436,9 +436,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if kind != "dqvae":
             raise CommandError(f"--prior applies to DQ-VAE models; {name!r} is a CAE")
         prior = _load_prior(args.prior, model, device)
-    # The variable-rate CAE reads the image a band at a time: a PNG is decoded as the bands are
-    # read (Pillow would hold a 12000 x 12000 RGB image whole, at 4 bytes a pixel: 576 MB).
-    image = PngRows.open(inp) if regular and _banded(model) else None
+    # The variable-rate CAE and the DQ-VAE read the image a band at a time: a PNG is decoded as the
+    # bands are read (Pillow would hold a 12000 x 12000 RGB image whole, at 4 bytes a pixel: 576 MB).
+    image = PngRows.open(inp) if regular and (kind == "dqvae" or _banded(model)) else None
     if image is None:
         if regular:
             pillow_image = open_image(inp, max_pixels=args.max_pixels)[0]

@@ -269,8 +269,9 @@ def encode_dq(
 ) -> Compressed:
     """Compress ``image`` with a DQ-VAE; ``budget`` as in :meth:`DQVAE.encode`.
 
-    ``image``: a (3, H, W) floating-point tensor in [0, 1], a (3, H, W) uint8 tensor, or a Pillow
-    image (read one row of tiles at a time: a large photo is never converted whole).
+    ``image``: a (3, H, W) floating-point tensor in [0, 1], a (3, H, W) uint8 tensor, a Pillow
+    image (read one row of tiles at a time: a large photo is never converted whole) or a
+    :class:`~dqfast.codec.png_rows.PngRows` (a PNG decoded from its file a row of tiles at a time).
 
     ``name``: the model name recorded in the file (default: its class name); ``source_channels``:
     1 when the image came from a grayscale file. ``prior``: a DQ-Transformer over the model's
@@ -333,12 +334,13 @@ def encode_dq(
 
 
 def _pixel_rows(image) -> tuple[int, int, callable]:
-    """(H, W, rows) with ``rows(y0, y1)`` -> (3, y1 - y0, W) float32 in [0, 1], for the accepted inputs."""
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is a dependency
-        Image = None  # noqa: N806
-    if Image is not None and isinstance(image, Image.Image):
+    """(H, W, rows) with ``rows(y0, y1)`` -> (3, y1 - y0, W) float32 in [0, 1], for the accepted
+    inputs (a :class:`~dqfast.codec.png_rows.PngRows` like a Pillow image: read top to bottom)."""
+    from PIL import Image
+
+    from dqfast.codec.png_rows import PngRows
+
+    if isinstance(image, Image.Image | PngRows):
         W, H = image.size
         if H < 1 or W < 1 or max(H, W) > 0xFFFF:
             raise ValueError(f"image sides must lie in 1..65535 pixels, got {W}x{H}")
