@@ -104,8 +104,9 @@ def test_round_trip_is_exact_and_smaller(models):
 
 
 def test_batches_of_tiles_and_threads(models, monkeypatch):
-    """More tiles than one prior batch (the last batch smaller), and the thread setting changed
-    between encoding and decoding: still exact."""
+    """More tiles than one prior batch (the last batch smaller), the batch read from the file (the
+    decoder's default differs), and the thread setting changed between encoding and decoding:
+    still exact. A header whose batch was altered is refused."""
     vae, prior = models
     monkeypatch.setattr("dqfast.codec.dq_codec.PRIOR_BATCH", 4)
     batches, assign = [], prior.assign_codes
@@ -117,12 +118,19 @@ def test_batches_of_tiles_and_threads(models, monkeypatch):
     try:
         torch.set_num_threads(2)
         coded = encode(vae, image, budget=0.25, name=VAE, prior=prior, prior_name=PRIOR)
+        monkeypatch.setattr("dqfast.codec.dq_codec.PRIOR_BATCH", 128)
         torch.set_num_threads(1)
         indices, _ = _tokens(coded.data, vae, prior)
     finally:
         torch.set_num_threads(threads)
+    assert coded.header.params[-1] == 4
     assert batches == [4, 4, 1, 4, 4, 1]
     assert torch.equal(indices, _tokens(encode(vae, image, budget=0.25, name=VAE).data, vae)[0])
+    header, streams = unpack(coded.data)
+    for batch in (3, 0, 5000):
+        lying = pack(dataclasses.replace(header, params=(*header.params[:-1], batch)), streams)
+        with pytest.raises(CodecError):
+            decompress_dq(lying, vae, name=VAE, prior=prior, prior_name=PRIOR)
 
 
 def test_mismatches_are_clean_errors(models):
@@ -181,7 +189,8 @@ def test_command_line(models, tmp_path, capsys):
     assert with_prior.stat().st_size < plain.stat().st_size
     assert read_header(with_prior.read_bytes()).model_name == f"{VAE}+{PRIOR}"
     assert main(["info", str(with_prior)]) == 0
-    assert f"{VAE}+{PRIOR}" in capsys.readouterr().out
+    info = capsys.readouterr().out
+    assert f"{VAE}+{PRIOR}" in info and "prior batch 128 tiles" in info
     out_a, out_b = tmp_path / "a.png", tmp_path / "b.png"
     assert main(["decompress", str(plain), str(out_a)]) == 0
     assert main(["decompress", str(with_prior), str(out_b)]) == 0  # both models found from the file

@@ -548,7 +548,12 @@ def describe(header: Header, size: int) -> list[tuple[str, str]]:
             if math.isnan(header.setting)
             else f"budget {header.setting:g}"
         )
-        params = "regions per grain " + ", ".join(str(p) for p in header.params)
+        from dqfast.codec.dq_codec import prior_name_of
+
+        counts = header.params[:-1] if prior_name_of(header) is not None else header.params
+        params = "regions per grain " + ", ".join(str(p) for p in counts)
+        if len(counts) < len(header.params):
+            params += f"; prior batch {header.params[-1]} tiles"
     return [
         ("format", f"dqfast version {FORMAT_VERSION}"),
         ("codec", header.kind),

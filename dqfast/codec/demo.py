@@ -172,7 +172,8 @@ def run_codec_demo(
                 figure=str(figure),
             )
             if "budget" in rate:
-                row["fine_fraction"] = header.params[-1] / sum(header.params)
+                counts = header.params[: model.num_grains]  # a prior-coded file adds its batch
+                row["fine_fraction"] = counts[-1] / sum(counts)
                 if not with_prior:
                     fine = _grain_map(result.data, model)
             rows.append(row)
