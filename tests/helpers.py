@@ -82,3 +82,16 @@ def assert_three_way(out: torch.Tensor, same_dtype: torch.Tensor, exact: torch.T
     scale = max(exact.double().abs().max().item(), 1.0) if exact.numel() else 1.0
     bound = 2 * torch_err + ROUNDING_BAND[out.dtype] * scale
     assert kernel_err <= bound, f"{name}: kernel error {kernel_err:.3g} > bound {bound:.3g} (torch {torch_err:.3g})"
+
+
+def plain_and_single_rank(run, tmp_path):
+    """``run()`` twice: plainly, then inside a one-rank gloo process group (torch.distributed code
+    paths taken, nothing to reduce with): returns (plain result, distributed result)."""
+    import torch.distributed as dist
+
+    plain = run()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        return plain, run()
+    finally:
+        dist.destroy_process_group()

@@ -23,6 +23,7 @@ import torch
 import dqfast
 from dqfast import ops
 from dqfast.nn import DynamicQuantizer
+from tests.helpers import plain_and_single_rank
 
 # Dynamo and AOTAutograd (fake implementations, registered autograd) without code generation;
 # one test compiles with inductor.
@@ -370,7 +371,6 @@ def test_compiled_restart_without_coded_cell_keeps_codebook():
 def test_compiled_update_under_single_process_group(tmp_path):
     # The statistics are all-reduced and the restart picks broadcast (a functional collective under
     # compile); one gloo rank changes nothing, so the compiled step matches the plain compiled one.
-    import torch.distributed as dist
 
     feats = _train_feats(17, 2)
 
@@ -381,11 +381,6 @@ def test_compiled_update_under_single_process_group(tmp_path):
         out = torch.compile(quantizer, backend=BACKEND, fullgraph=True)(feats)
         return out.indices, quantizer.codebook.clone(), quantizer.usage.clone(), quantizer.code_sum.clone()
 
-    plain = run()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        distributed = run()
-    finally:
-        dist.destroy_process_group()
+    plain, distributed = plain_and_single_rank(run, tmp_path)
     for a, b in zip(plain, distributed):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import dqfast
 from dqfast.nn.dynamic_quantizer import DynamicQuantizer
 from dqfast.reference import vector_quantize as ref
-from tests.helpers import seed
+from tests.helpers import plain_and_single_rank, seed
 
 
 @pytest.fixture(autouse=True)
@@ -602,7 +602,6 @@ def test_module_backward_after_codebook_update(metric, ema):
 def test_module_single_process_group_matches_plain(tmp_path):
     """Under torch.distributed (one gloo rank here) the statistics are all-reduced and the restart
     picks broadcast; with one rank that must change nothing."""
-    import torch.distributed as dist
 
     def run():
         torch.manual_seed(78)
@@ -610,11 +609,6 @@ def test_module_single_process_group_matches_plain(tmp_path):
         out = model(pyramid(2, 4, 1, 2, 2))
         return out.indices, model.codebook.clone(), model.usage.clone()
 
-    plain = run()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        distributed = run()
-    finally:
-        dist.destroy_process_group()
+    plain, distributed = plain_and_single_rank(run, tmp_path)
     for a, b in zip(plain, distributed):
         assert torch.equal(a, b)
